@@ -1,0 +1,874 @@
+"""Shared plumbing for the course scripts: data, run records, checkpoints and the sample-quality metric.
+
+Nothing here is a model a script is meant to teach. It holds what every script would otherwise copy:
+
+  * `load_data`: one call gives train/validation/test loaders, the number of classes and their names, for the
+    embedded `shapes` set (procedurally drawn, offline), torchvision's real datasets (downloaded on first use),
+    a generic image `folder` and the `list` layout of the course's mini-ImageNet. Images come in [-1, 1].
+  * `Run`: the run directory runs/<script>/<name>/ with args.json, metrics.jsonl, loss.png, image grids,
+    final.json and an atomically written checkpoint that `--resume` continues from.
+  * `frechet_distance` and `SampleQuality`: the Frechet distance between real and generated images in the
+    features of Inception-v3 (the standard FID) or of a small reference classifier trained on the dataset
+    (works offline; it also judges conditional samples: is a sample drawn for class y classified as y?).
+
+Command line:
+    python common.py table runs/ddpm                   # Markdown table: differing flags against final metrics
+    python common.py classifier --dataset shapes       # train (or load) the reference classifier, print accuracy
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+# Derived artefacts (the generated shapes arrays, reference classifiers) live here, never beside user data.
+CACHE_DIR = Path(os.environ.get("DLCOURSE_CACHE", Path.home() / ".cache" / "dlcourse"))
+VAL_SIZE = 5000          # validation images carved off a training set that has none (as many as CIFAR-10 test / 2)
+VAL_FRACTION = 0.1       # ... but never more than this share of it
+SPLIT_SEED = 1234        # fixed, so the carved split is the same for every run whatever its --seed
+IN_MEMORY_BYTES = 8 << 30  # decoded uint8 images up to this size are held in memory, larger sets decode per batch
+
+
+def fail(message):
+    """Stop with a one-line message for the user instead of a stack trace."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------- device, seed, flags
+
+def get_device(name="auto"):
+    """CUDA, then Apple's MPS, then the CPU; `--device cpu|cuda|cuda:1|mps` overrides."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500, image_size=32):
+    """The flags every training script has, with one meaning each; scripts pass their own defaults."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", help=f"one of {', '.join(DATASETS)} (shapes: embedded, offline)")
+    g.add_argument("--data-dir", default="data", help="where real datasets are downloaded; the root for folder/list")
+    g.add_argument("--image-size", type=int, default=image_size, help="images are resized to this many pixels square")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0: load in-process)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per optimiser step")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (unless --steps)")
+    g.add_argument("--steps", type=int, default=steps, help="optimiser steps; overrides --epochs")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate")
+    g = p.add_argument_group("system")
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and sampling")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--out", default="runs", help="runs root: this run writes to <out>/<script>/<name>/")
+    g.add_argument("--name", default=None, help="run name (default: a timestamp)")
+    g.add_argument("--resume", action="store_true", help="continue run --name (default: the latest) from its checkpoint")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="optimiser steps between validations")
+    return p
+
+
+def total_steps(args, train_loader):
+    """--steps if given, else --epochs passes over the training loader."""
+    return args.steps if args.steps is not None else args.epochs * len(train_loader)
+
+
+def forever(loader):
+    """Batches without end, epoch after epoch (each epoch reshuffled), for step-counted training loops."""
+    while True:
+        yield from loader
+
+
+def check_finite(loss, step):
+    if not math.isfinite(float(loss)):
+        fail(f"the loss became {float(loss)} at step {step}: lower --lr, or check the data (are images in [-1, 1]?)")
+
+
+# ----------------------------------------------------------------------------- the embedded Shapes dataset
+#
+# Ten shape classes drawn as signed distance functions (SDFs): sd(p) < 0 inside. A pixel's coverage is
+# clamp(0.5 - sd, 0, 1) with sd in pixels: a one-pixel linear ramp across the edge, i.e. anti-aliasing by the
+# area of a pixel-wide box filter. The image blends background and foreground colour by the coverage; the
+# binary mask is coverage > 0.5. Every shape lives in a unit frame (circumradius about 1) and is placed by
+# its generative factors.
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "diamond", "hexagon", "crescent")
+FACTOR_NAMES = ("class", "fg_hue", "bg_hue", "scale", "x", "y", "rotation")
+SCALE_RANGE = (0.18, 0.32)     # circumradius as a fraction of the image side
+CENTRE_RANGE = (0.33, 0.67)    # centre, fraction of the side; with SCALE_RANGE every shape stays inside
+FG_SAT_VAL, BG_SAT_VAL = (0.85, 0.95), (0.6, 0.3)   # bright saturated shapes on dark backgrounds
+SHAPES_VERSION = 1             # bump when drawing changes, so stale caches are not reused
+
+
+def _regular_polygon(k, phase=math.pi / 2):
+    a = phase + 2 * math.pi * torch.arange(k) / k
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+def _star(points=5, inner=0.45):
+    a = math.pi / 2 + math.pi * torch.arange(2 * points) / points
+    r = torch.tensor([1.0, inner]).repeat(points)
+    return torch.stack([r * a.cos(), r * a.sin()], 1)
+
+
+def _cross(w=0.3):
+    xy = [(w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1), (w, 1)]
+    return 0.95 * torch.tensor(xy)
+
+
+def _heart(n=32):
+    t = 2 * math.pi * torch.arange(n) / n       # the classic parametric heart curve
+    x = 16 * t.sin() ** 3
+    y = 13 * t.cos() - 5 * (2 * t).cos() - 2 * (3 * t).cos() - (4 * t).cos() + 2.5
+    xy = torch.stack([x, y], 1)
+    return xy / xy.norm(dim=1).max()
+
+
+POLYGONS = {
+    "square": _regular_polygon(4, phase=math.pi / 4), "triangle": _regular_polygon(3), "star": _star(),
+    "cross": _cross(), "heart": _heart(), "hexagon": _regular_polygon(6),
+    "diamond": torch.tensor([[0.0, 1.0], [-0.55, 0.0], [0.0, -1.0], [0.55, 0.0]]),  # a rhombus, never a square
+}
+
+
+def _sd_polygon(p, v):
+    """Signed distance from points p (N, P, 2) to the closed polygon v (K, 2); sign by even-odd crossings."""
+    e = v.roll(-1, 0) - v                                            # (K, 2) edges
+    w = p[:, :, None, :] - v                                         # (N, P, K, 2)
+    h = ((w * e).sum(-1) / (e * e).sum(-1)).clamp(0, 1)              # nearest point on each edge
+    d = (w - e * h[..., None]).norm(dim=-1).amin(-1)                 # (N, P)
+    above, above_next = p[..., 1:2] >= v[:, 1], p[..., 1:2] >= v.roll(-1, 0)[:, 1]
+    left = e[:, 0] * w[..., 1] > e[:, 1] * w[..., 0]
+    crossings = ((above & ~above_next & left) | (~above & above_next & ~left)).sum(-1)
+    return torch.where(crossings % 2 == 1, -d, d)
+
+
+def _sd_shape(name, p):
+    r = p.norm(dim=-1)
+    if name == "circle":
+        return r - 0.9
+    if name == "ring":
+        return (r - 0.72).abs() - 0.22
+    if name == "crescent":      # a disc minus a shifted disc
+        return torch.maximum(r - 0.95, 0.75 - (p - torch.tensor([0.42, 0.0])).norm(dim=-1))
+    return _sd_polygon(p, POLYGONS[name])
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorised HSV -> RGB, h in [0, 1); returns (N, 3)."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[:, None]) % 6
+    return v - v * s * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def render_shapes(factors, size, chunk=256):
+    """Draw shapes from a (N, 7) factor array (FACTOR_NAMES) -> uint8 images (N, 3, S, S), bool masks (N, S, S)."""
+    f = torch.as_tensor(factors, dtype=torch.float32)
+    centres = (torch.arange(size) + 0.5) / size
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack([gx, -gy], -1).reshape(1, -1, 2)              # y up, so rotation is counter-clockwise
+    coverage = torch.empty(len(f), size * size)
+    for c, name in enumerate(SHAPE_CLASSES):
+        for idx in (f[:, 0] == c).nonzero().squeeze(1).split(chunk):
+            fc = f[idx]
+            q = grid - torch.stack([fc[:, 4], -fc[:, 5]], 1)[:, None]  # into the shape's frame: translate,
+            cos, sin = fc[:, 6].cos()[:, None], fc[:, 6].sin()[:, None]  # rotate by -rotation, divide by scale
+            q = torch.stack([cos * q[..., 0] + sin * q[..., 1], cos * q[..., 1] - sin * q[..., 0]], -1)
+            scale = fc[:, 3:4]
+            sd_pixels = _sd_shape(name, q / scale[:, :, None]) * scale * size
+            coverage[idx] = (0.5 - sd_pixels).clamp(0, 1)
+    fg = _hsv_to_rgb(f[:, 1], *FG_SAT_VAL)[:, :, None]
+    bg = _hsv_to_rgb(f[:, 2], *BG_SAT_VAL)[:, :, None]
+    rgb = bg + (fg - bg) * coverage[:, None]
+    images = (rgb * 255).round().to(torch.uint8).reshape(len(f), 3, size, size)
+    return images, (coverage > 0.5).reshape(len(f), size, size)
+
+
+def sample_factors(n, rng):
+    """Independent, uniformly drawn generative factors (N, 7); rotation in radians.
+
+    One (N, 7) uniform draw, row by row, so the first k items are the same whatever N is."""
+    u = rng.random((n, len(FACTOR_NAMES)))
+    lerp = lambda col, lo, hi: lo + (hi - lo) * u[:, col]
+    return np.stack([np.floor(u[:, 0] * len(SHAPE_CLASSES)), u[:, 1], u[:, 2], lerp(3, *SCALE_RANGE),
+                     lerp(4, *CENTRE_RANGE), lerp(5, *CENTRE_RANGE), lerp(6, 0, 2 * math.pi)], 1).astype(np.float32)
+
+
+def shapes_split(split, n, size, seed=0):
+    """One split of `shapes` as (images uint8, labels, masks, factors), generated once and cached.
+
+    Each split draws from its own random stream (seeded by seed and split name), so the splits are disjoint
+    draws and a split's content does not depend on the sizes of the others."""
+    path = CACHE_DIR / "shapes" / f"v{SHAPES_VERSION}-{size}px-seed{seed}-{split}-{n}.npz"
+    if path.exists():
+        z = np.load(path)
+        return tuple(torch.from_numpy(z[k]) for k in ("images", "labels", "masks", "factors"))
+    rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
+    factors = sample_factors(n, rng)
+    images, masks = render_shapes(factors, size)
+    labels = torch.from_numpy(factors[:, 0].astype(np.int64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images.numpy(), labels=labels.numpy(), masks=masks.numpy(), factors=factors)
+    os.replace(tmp, path)
+    return images, labels, masks, torch.from_numpy(factors)
+
+
+# ----------------------------------------------------------------------------- datasets held as uint8 arrays
+
+class ImageArray(Dataset):
+    """Images as uint8 (N, C, H, W) in memory (or as files decoded per batch when too large), with labels and
+    optional extra per-item fields (`mask`, `factors`).
+
+    Indexed by a list of indices (the loaders use a BatchSampler), so a batch is one tensor indexing, not
+    B Python calls and a collate. Returns a tuple of the requested `fields`, images scaled to [-1, 1]."""
+
+    def __init__(self, images, labels, fields=("image", "label"), files=None, size=None, **extra):
+        self.images, self.labels, self.files, self.size = images, labels, files, size
+        self.extra = extra
+        missing = [f for f in fields if f not in ("image", "label", *extra)]
+        if missing:
+            fail(f"this dataset has no {', '.join(missing)} (only shapes has mask and factors)")
+        self.fields = fields
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx)
+        if self.images is not None:
+            pixels = self.images[idx]
+        else:
+            pixels = torch.stack([_decode(self.files[i], self.size) for i in idx.tolist()])
+        out = {"image": pixels.float() / 127.5 - 1, "label": self.labels[idx]}
+        out.update({k: v[idx] for k, v in self.extra.items()})
+        return tuple(out[f] for f in self.fields)
+
+
+def to_uint8(images):
+    """Undo the loaders' scaling: [-1, 1] floats -> uint8 in [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _resize(images, size):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased; unchanged if already that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = [F.interpolate(b.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+           for b in images.split(1024)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def _decode(path, size):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read image {path}: {e}")
+    return _resize(pixels[None], size)[0]
+
+
+def _decode_all(files, size, what):
+    if len(files) * 3 * size * size > IN_MEMORY_BYTES:
+        return None        # too large for memory: ImageArray decodes each batch from the files
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:      # PIL releases the GIL while decoding
+        images = list(tqdm(pool.map(lambda f: _decode(f, size), files, chunksize=256), total=len(files),
+                           desc=f"decoding {what}", leave=False, disable=len(files) < 5000))
+    return torch.stack(images)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _folder_split(root):
+    """<root>/<class>/<image> -> (files, labels, class names)."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        fail(f"{root} has no class subfolders: expected <root>/<class>/*.png|jpg (ImageFolder layout)")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            fail(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += found
+        labels += [c] * len(found)
+    return files, torch.tensor(labels), classes
+
+
+def _read_list(path, root):
+    """A mini-ImageNet list file: one `relative/path label` per line -> (files, label strings)."""
+    files, labels = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            fail(f"{path}:{n}: expected 'path label', got {line!r}")
+        file = root / parts[0]
+        if not file.exists():
+            fail(f"{path}:{n}: image {file} does not exist")
+        files.append(file)
+        labels.append(parts[1])
+    if not files:
+        fail(f"{path} lists no images")
+    return files, labels
+
+
+def _label_order(names):
+    """Sort class names numerically when they are all integers, else alphabetically."""
+    return sorted(set(names), key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+
+
+def _carve(n, size):
+    """A fixed random split of range(n) into (rest, size held out), the same for every run."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[size:], perm[:size]
+
+
+def _held_out_size(n):
+    return min(VAL_SIZE, int(n * VAL_FRACTION))
+
+
+def _color_mnist(images, labels, seed):
+    """MNIST binarised at half intensity, the digit painted a random bright colour on a dark background."""
+    rng = torch.Generator().manual_seed(seed)
+    digit = (images > 127).float()[:, None]                                  # (N, 1, 28, 28)
+    fg = _hsv_to_rgb(torch.rand(len(images), generator=rng), 0.9, 1.0)[:, :, None, None]
+    bg = _hsv_to_rgb(torch.rand(len(images), generator=rng), 0.5, 0.15)[:, :, None, None]
+    return (255 * (bg + (fg - bg) * digit)).round().to(torch.uint8), labels
+
+
+def _torchvision_split(name, root, train):
+    """(uint8 images (N, C, H, W), labels, class names) of one split of a torchvision dataset (downloads)."""
+    tv = torchvision.datasets
+    if name in ("cifar10", "cifar100"):
+        d = (tv.CIFAR10 if name == "cifar10" else tv.CIFAR100)(root, train=train, download=True)
+        return torch.from_numpy(d.data).permute(0, 3, 1, 2), torch.tensor(d.targets), d.classes
+    if name == "svhn":
+        d = tv.SVHN(root, split="train" if train else "test", download=True)
+        return torch.from_numpy(d.data), torch.from_numpy(d.labels).long(), [str(i) for i in range(10)]
+    if name == "stl10":
+        d = tv.STL10(root, split="train" if train else "test", download=True)
+        return torch.from_numpy(d.data), torch.from_numpy(d.labels).long(), d.classes
+    if name == "mnist-color":
+        d = tv.MNIST(root, train=train, download=True)
+        return (*_color_mnist(d.data, d.targets, seed=SPLIT_SEED + train), d.classes)
+    fail(f"no torchvision split for {name}")
+
+
+def _load_celeba(root, size):
+    """CelebA's own train/valid/test splits; the label is the 'Male' attribute (0 female, 1 male)."""
+    splits = []
+    for split in ("train", "valid", "test"):
+        d = torchvision.datasets.CelebA(root, split=split, target_type="attr", download=True)
+        files = [Path(d.root) / d.base_folder / "img_align_celeba" / f for f in d.filename]
+        labels = d.attr[:, d.attr_names.index("Male")].long()
+        splits.append(ImageArray(_decode_all(files, size, f"celeba {split}"), labels, files=files, size=size))
+    return splits, ["female", "male"]
+
+
+class Data(NamedTuple):
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    classes: list
+    channels: int
+
+
+TORCHVISION = ("cifar10", "cifar100", "svhn", "stl10", "mnist-color")
+DATASETS = ("shapes", *TORCHVISION, "celeba", "folder", "list")
+
+
+def load_datasets(name="shapes", data_dir="data", image_size=32, fields=("image", "label"), sizes=None):
+    """(train, val, test) ImageArrays and the class names. `sizes` = (train, val, test) counts for shapes."""
+    root = Path(data_dir)
+    if name == "shapes":
+        sizes = sizes or (50_000, 5_000, 10_000)
+        splits = []
+        for split, n in zip(("train", "val", "test"), sizes):
+            images, labels, masks, factors = shapes_split(split, n, image_size)
+            splits.append(ImageArray(images, labels, fields, mask=masks, factors=factors))
+        return splits, list(SHAPE_CLASSES)
+    if name in TORCHVISION:
+        try:
+            train_images, train_labels, classes = _torchvision_split(name, root / name, train=True)
+            test_images, test_labels, _ = _torchvision_split(name, root / name, train=False)
+        except (OSError, RuntimeError) as e:    # URLError is an OSError; torchvision raises RuntimeError too
+            fail(f"{name} is not in {root / name} and could not be downloaded ({type(e).__name__}: {e}); "
+                 f"point --data-dir at a copy, or use the offline default --dataset shapes")
+        rest, val = _carve(len(train_labels), _held_out_size(len(train_labels)))
+        train_images, test_images = _resize(train_images, image_size), _resize(test_images, image_size)
+        return [ImageArray(train_images[rest], train_labels[rest], fields),
+                ImageArray(train_images[val], train_labels[val], fields),
+                ImageArray(test_images, test_labels, fields)], classes
+    if name == "celeba":
+        try:
+            splits, classes = _load_celeba(root, image_size)
+        except (OSError, RuntimeError) as e:
+            fail(f"celeba is not in {root / 'celeba'} and could not be downloaded ({e}); "
+                 f"point --data-dir at a copy, or use the offline default --dataset shapes")
+        for s in splits:
+            s.fields = fields
+        return splits, classes
+    if name in ("folder", "list"):
+        if not root.is_dir():
+            fail(f"--data-dir {root} is not a directory: for --dataset {name} it must hold the images")
+        files, labels, classes = _folder_files(root) if name == "folder" else _list_files(root)
+        splits = []
+        for split, (f, y) in zip(("train", "val", "test"), zip(files, labels)):
+            images = _decode_all(f, image_size, f"{root.name}/{split}")
+            splits.append(ImageArray(images, y, fields, files=f, size=image_size))
+        return splits, classes
+    fail(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def _carve_missing(train, val, test):
+    """Given (files, labels) per split, some None, carve the missing ones off the training split."""
+    files, labels = train
+    missing = [s is None for s in (val, test)]
+    if not any(missing):
+        return [train, val, test]
+    held = _held_out_size(len(labels))
+    rest, out = _carve(len(labels), held * sum(missing))
+    pick = lambda ix: ([files[i] for i in ix.tolist()], labels[ix])
+    parts = iter(out.split(held)) if held else iter([out, out])
+    val = pick(next(parts)) if val is None else val
+    test = pick(next(parts)) if test is None else test
+    return [pick(rest), val, test]
+
+
+def _folder_files(root):
+    """ImageFolder layout; with train/ (and val/ or validation/, test/) subfolders when present."""
+    split_dirs = {s: next((root / d for d in names if (root / d).is_dir()), None)
+                  for s, names in (("train", ["train"]), ("val", ["val", "validation", "valid"]), ("test", ["test"]))}
+    if split_dirs["train"] is None:
+        split_dirs = {"train": root, "val": None, "test": None}
+    files, labels, classes = _folder_split(split_dirs["train"])
+    others = []
+    for s in ("val", "test"):
+        if split_dirs[s] is None:
+            others.append(None)
+            continue
+        f, y, c = _folder_split(split_dirs[s])
+        if c != classes:
+            fail(f"{split_dirs[s]} has classes {c}, but {split_dirs['train']} has {classes}")
+        others.append((f, y))
+    splits = _carve_missing((files, labels), *others)
+    return [s[0] for s in splits], [s[1] for s in splits], classes
+
+
+def _list_files(root):
+    """mini-ImageNet layout: train.txt, validation.txt (or val.txt), test.txt of `path label` lines."""
+    lists = {}
+    for split, names in (("train", ["train.txt"]), ("val", ["validation.txt", "val.txt"]), ("test", ["test.txt"])):
+        path = next((root / n for n in names if (root / n).exists()), None)
+        lists[split] = _read_list(path, root) if path else None
+    if lists["train"] is None:
+        fail(f"{root} has no train.txt: the list layout needs train.txt (and validation.txt, test.txt) "
+             f"with one 'path label' per line")
+    classes = _label_order(lists["train"][1])
+    index = {c: i for i, c in enumerate(classes)}
+    encoded = []
+    for split, entry in lists.items():
+        if entry is None:
+            encoded.append(None)
+            continue
+        unknown = sorted(set(entry[1]) - set(index))
+        if unknown:
+            fail(f"the {split} list has labels {unknown[:5]} that train.txt never uses")
+        encoded.append((entry[0], torch.tensor([index[c] for c in entry[1]])))
+    splits = _carve_missing(*encoded)
+    return [s[0] for s in splits], [s[1] for s in splits], classes
+
+
+def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False):
+    """A DataLoader that fetches whole batches from an ImageArray (see ImageArray)."""
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last), batch_size=None,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def load_data(args, fields=("image", "label"), sizes=None):
+    """Train (shuffled, seeded by --seed), validation and test loaders for the shared flags in `args`."""
+    (train, val, test), classes = load_datasets(args.dataset, args.data_dir, args.image_size, fields, sizes)
+    if len(train) < args.batch_size:
+        fail(f"the training set has {len(train)} images, fewer than --batch-size {args.batch_size}")
+    loader = lambda d, shuffle: make_loader(d, args.batch_size, shuffle, args.num_workers, args.seed,
+                                            drop_last=shuffle)
+    channels = train[[0]][0].shape[1]
+    return Data(loader(train, True), loader(val, False), loader(test, False), len(classes), classes, channels)
+
+
+# ----------------------------------------------------------------------------- run directory and checkpoints
+
+class Run:
+    """One run's directory <out>/<script>/<name>/: args.json, metrics.jsonl, loss.png, grids, final.json, ckpt.pt.
+
+    With --resume the directory is --name's (or the latest run's), and `load_checkpoint` returns its state."""
+
+    def __init__(self, script, args):
+        root = Path(args.out) / script
+        name = args.name
+        if args.resume and name is None:
+            runs = sorted(root.glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                fail(f"--resume: no run with a checkpoint under {root}")
+            name = runs[-1].parent.name
+        if name is None:
+            name = time.strftime("%Y%m%d-%H%M%S")
+            while (root / name).exists():
+                name += "+"
+        self.dir, self.args = root / name, args
+        self.ckpt_path = self.dir / "ckpt.pt"
+        if args.resume and not self.ckpt_path.exists():
+            fail(f"--resume: {self.ckpt_path} does not exist")
+        if not args.resume and self.ckpt_path.exists():
+            fail(f"{self.dir} already holds a run: add --resume to continue it, or choose another --name")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args.name = name
+        (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+    def log(self, step, split, **metrics):
+        """Append one record, e.g. log(120, "train", loss=0.031) or log(500, "val", loss=..., fd=...)."""
+        record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self):
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def save_checkpoint(self, step, **state):
+        """Write {"step", "args", **state} atomically: a killed run leaves the previous checkpoint intact."""
+        save_atomic({"step": step, "args": vars(self.args), **state}, self.ckpt_path)
+
+    def load_checkpoint(self, model_flags, device):
+        """The checkpoint's state if --resume, else None. Metric records after its step are dropped, since the
+        resumed run will log those steps again."""
+        if not self.args.resume:
+            return None
+        state = load_checkpoint(self.ckpt_path, self.args, model_flags, device)
+        kept = [r for r in self.metrics() if r["step"] <= state["step"]]
+        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resuming {self.dir} at step {state['step']}")
+        return state
+
+    def save_grid(self, images, filename, nrow=8):
+        """Save images in [-1, 1] as a PNG grid in the run directory; returns its path."""
+        path = self.dir / filename
+        torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True,
+                                     value_range=(-1, 1), pad_value=1.0)
+        return path
+
+    def plot_losses(self, key="loss", filename="loss.png"):
+        """Train (raw and smoothed), validation and test `key` against optimiser steps."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        records = [r for r in self.metrics() if key in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        train = [(r["step"], r[key]) for r in records if r["split"] == "train"]
+        if train:
+            steps, values = zip(*train)
+            ax.plot(steps, values, color="C0", alpha=0.25, lw=0.8)
+            smooth, avg = [], values[0]
+            for v in values:
+                avg = 0.98 * avg + 0.02 * v         # exponential moving average for a readable curve
+                smooth.append(avg)
+            ax.plot(steps, smooth, color="C0", label="train (EMA 0.98)")
+        for split, style in (("val", "o-"), ("test", "*")):
+            points = [(r["step"], r[key]) for r in records if r["split"] == split]
+            if points:
+                ax.plot(*zip(*points), style, label=split, markersize=8 if split == "test" else 4)
+        ax.set(xlabel="optimiser step", ylabel=key, title=f"{self.dir.parent.name}/{self.dir.name}")
+        if records and all(r[key] > 0 for r in records):
+            ax.set_yscale("log")
+        if records:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / filename, dpi=100)
+        plt.close(fig)
+
+    def finish(self, parameters, **metrics):
+        """Write final.json (parameter count and final metrics) and the loss plot; print them."""
+        final = {"parameters": parameters, **metrics}
+        (self.dir / "final.json").write_text(json.dumps(final, indent=2))
+        self.plot_losses()
+        print(json.dumps(final, indent=2))
+        print(f"run written to {self.dir}")
+        return final
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args, model_flags, device="cpu"):
+    """Load a checkpoint and check that the flags which shape the model agree with `args`."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: {e}")
+    saved = state.get("args", {})
+    differ = [f for f in model_flags if f in saved and saved[f] != getattr(args, f)]
+    if differ:
+        flag = lambda f: "--" + f.replace("_", "-")
+        fail(f"checkpoint {path} was made with " + ", ".join(f"{flag(f)} {saved[f]}" for f in differ)
+             + "; this run has " + ", ".join(f"{flag(f)} {getattr(args, f)}" for f in differ)
+             + ": pass the same flags")
+    return state
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+def gaussian_stats(features):
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    x = features.double()
+    return x.mean(0), torch.cov(x.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; FID, Heusel et al. 2017):
+
+        d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
+
+    tr((sigma1 sigma2)^(1/2)) is computed as tr((A sigma2 A)^(1/2)) with A = sigma1^(1/2): the two products
+    are similar matrices, and A sigma2 A is symmetric positive semi-definite, so its square root comes from
+    a symmetric eigendecomposition (no scipy.linalg.sqrtm and no complex round-off)."""
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    evals, evecs = torch.linalg.eigh(sigma1)
+    sqrt1 = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + sigma1.trace() + sigma2.trace() - 2 * cross)
+
+
+class ReferenceClassifier(nn.Module):
+    """A small VGG-style CNN whose penultimate features (FEATURES-d) give the offline Frechet distance and
+    whose predictions judge conditional samples. Any image size: global average pooling at the end."""
+    FEATURES = 128
+
+    def __init__(self, num_classes, channels=3):
+        super().__init__()
+        layers, c_in = [], channels
+        for c_out in (32, 64, self.FEATURES):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())   # (B, FEATURES)
+        self.head = nn.Linear(self.FEATURES, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def accuracy(model, loader, device):
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            total += len(y)
+    return correct / total
+
+
+def train_classifier(data, steps, device, lr=2e-3, seed=0):
+    """Adam with a cosine learning-rate decay, random horizontal flips and one-pixel shifts as augmentation."""
+    torch.manual_seed(seed)
+    model = ReferenceClassifier(data.num_classes, data.channels).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    batches = forever(data.train)
+    model.train()
+    for step in tqdm(range(steps), desc="reference classifier", leave=False):
+        x, y = next(batches)
+        x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
+        dx, dy = np.random.randint(-2, 3, size=2)
+        x = torch.roll(x, shifts=(int(dx), int(dy)), dims=(2, 3))
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def _dataset_key(args):
+    key = f"{args.dataset}-{args.image_size}px"
+    if args.dataset in ("folder", "list"):
+        key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
+    return key
+
+
+CLASSIFIER_STEPS = {"shapes": 500}   # optimiser steps of 128 images; shapes is easy (see README for measurements)
+DEFAULT_CLASSIFIER_STEPS = 3000
+
+
+def reference_classifier(args, device="cpu", steps=None, data=None):
+    """The dataset's reference classifier: trained on its training split on first use, then loaded from
+    CACHE_DIR/classifiers/. Returns (model in eval mode, test accuracy)."""
+    steps = steps or CLASSIFIER_STEPS.get(args.dataset, DEFAULT_CLASSIFIER_STEPS)
+    path = CACHE_DIR / "classifiers" / f"{_dataset_key(args)}-{steps}steps.pt"
+    if path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        model = ReferenceClassifier(state["num_classes"], state["channels"]).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval(), state["test_accuracy"]
+    if data is None:
+        loader_args = argparse.Namespace(**{**vars(args), "batch_size": 128})
+        data = load_data(loader_args)
+    print(f"training the reference classifier for {args.dataset} at {args.image_size}px ({steps} steps), "
+          f"cached in {path}")
+    model = train_classifier(data, steps, device)
+    test_accuracy = accuracy(model, data.test, device)
+    print(f"reference classifier test accuracy {test_accuracy:.4f}")
+    save_atomic({"model": model.state_dict(), "num_classes": data.num_classes, "channels": data.channels,
+                 "test_accuracy": test_accuracy}, path)
+    return model, test_accuracy
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool features (2048-d) with torchvision's ImageNet weights, for the standard FID.
+
+    torchvision's weights are not the TensorFlow ones of the original FID code, so values are comparable across
+    this project's runs, not digit for digit with published FIDs."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import Inception_V3_Weights, inception_v3
+        try:
+            net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
+        except (OSError, RuntimeError) as e:
+            fail(f"the Inception-v3 weights could not be downloaded ({type(e).__name__}: {e}); offline, use "
+                 f"--metric classifier (the Frechet distance in the reference classifier's features)")
+        net.fc = nn.Identity()
+        self.net = net.eval()
+
+    def forward(self, x):                 # x in [-1, 1], any size, 1 or 3 channels
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+        return self.net(((x + 1) / 2 - mean) / std)
+
+
+class SampleQuality:
+    """Frechet distance of generated images to a real split, in `metric` features ("classifier" or "inception"),
+    and conditional accuracy for class-conditional samples. Real statistics are computed once."""
+
+    def __init__(self, args, data, device, metric="classifier", split="test", max_real=10_000, classifier_steps=None):
+        self.device, self.metric, self.split = device, metric, split
+        self.classifier, self.classifier_accuracy = reference_classifier(args, device, classifier_steps, data)
+        if metric not in ("classifier", "inception"):
+            fail(f"unknown --metric {metric!r}; choose classifier or inception")
+        self.features = self.classifier.body if metric == "classifier" else InceptionFeatures().to(device)
+        real = []
+        for x, _ in getattr(data, split):
+            real.append(self.embed(x))
+            if sum(len(r) for r in real) >= max_real:
+                break
+        self.real_stats = gaussian_stats(torch.cat(real)[:max_real])
+        self.n_real = min(max_real, sum(len(r) for r in real))
+
+    @torch.no_grad()
+    def embed(self, images, batch_size=250):
+        return torch.cat([self.features(b.to(self.device)).double().cpu() for b in images.split(batch_size)])
+
+    def frechet(self, images):
+        """Frechet distance of images (N, C, H, W) in [-1, 1] to the real split; needs N well above 1."""
+        return frechet_distance(*gaussian_stats(self.embed(images)), *self.real_stats)
+
+    @torch.no_grad()
+    def conditional_accuracy(self, images, labels):
+        """Share of images drawn for class y that the reference classifier labels y."""
+        logits = torch.cat([self.classifier(b.to(self.device)).cpu() for b in images.split(250)])
+        return (logits.argmax(1) == labels.cpu()).float().mean().item()
+
+    def describe(self, n_generated):
+        return (f"Frechet distance in {self.metric} features, {n_generated} samples against "
+                f"{self.n_real} {self.split} images")
+
+
+# ----------------------------------------------------------------------------- hyperparameter table
+
+def runs_table(root):
+    """Markdown table of the runs under `root`: the flags that differ between them, then their final metrics."""
+    rows = []
+    for final in sorted(Path(root).glob("*/final.json")):
+        args_path = final.parent / "args.json"
+        args = json.loads(args_path.read_text()) if args_path.exists() else {}
+        rows.append((final.parent.name, args, json.loads(final.read_text())))
+    if not rows:
+        fail(f"no finished runs (*/final.json) under {root}")
+    ignore = {"name", "out", "resume", "device", "num_workers", "data_dir"}
+    flags = sorted(k for k in {k for _, a, _ in rows for k in a} - ignore
+                   if len({json.dumps(a.get(k)) for _, a, _ in rows}) > 1)
+    metrics = list(dict.fromkeys(k for _, _, f in rows for k, v in f.items() if isinstance(v, (int, float))))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| run | " + " | ".join([f"--{f.replace('_', '-')}" for f in flags] + metrics) + " |",
+             "|" + "---|" * (1 + len(flags) + len(metrics))]
+    for name, args, final in rows:
+        lines.append(f"| {name} | " + " | ".join([fmt(args.get(f)) for f in flags] + [fmt(final.get(m)) for m in metrics])
+                     + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Shared tools of the course scripts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table", help="Markdown table of runs: differing flags against final metrics")
+    t.add_argument("root", help="a script's runs folder, e.g. runs/ddpm")
+    c = sub.add_parser("classifier", help="train (or load) the reference classifier and print its test accuracy")
+    c.add_argument("--dataset", default="shapes", help=f"one of {', '.join(DATASETS)}")
+    c.add_argument("--data-dir", default="data", help="where real datasets are; the root for folder/list")
+    c.add_argument("--image-size", type=int, default=32, help="images are resized to this many pixels square")
+    c.add_argument("--steps", type=int, default=None,
+                   help=f"training steps of 128 images (default: {CLASSIFIER_STEPS} or {DEFAULT_CLASSIFIER_STEPS})")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    args = p.parse_args(argv)
+    if args.command == "table":
+        print(runs_table(args.root))
+    else:
+        args.num_workers, args.seed = 0, 0
+        model, acc = reference_classifier(args, get_device(args.device), steps=args.steps)
+        print(f"{args.dataset} {args.image_size}px reference classifier: {count_parameters(model):,} parameters, "
+              f"test accuracy {acc:.4f} (cached in {CACHE_DIR / 'classifiers'})")
+
+
+if __name__ == "__main__":
+    main()
