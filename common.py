@@ -16,12 +16,14 @@ Command line:
     python common.py classifier --dataset shapes       # train (or load) the reference classifier, print accuracy
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 # Derived artefacts (the generated shapes arrays, reference classifiers) live here, never beside user data.
 CACHE_DIR = Path(os.environ.get("DLCOURSE_CACHE", Path.home() / ".cache" / "dlcourse"))
-VAL_SIZE = 5000          # validation images carved off a training set that has none (as many as CIFAR-10 test / 2)
+VAL_SIZE = 5000          # images carved off a training set for each missing split (validation, test)
 VAL_FRACTION = 0.1       # ... but never more than this share of it
 SPLIT_SEED = 1234        # fixed, so the carved split is the same for every run whatever its --seed
 IN_MEMORY_BYTES = 8 << 30  # decoded uint8 images up to this size are held in memory, larger sets decode per batch
@@ -58,7 +60,14 @@ def get_device(name="auto"):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        fail(f"--device {name}: not available on this machine; use --device auto")
+    return device
 
 
 def seed_everything(seed):
@@ -68,6 +77,7 @@ def seed_everything(seed):
 
 
 def count_parameters(model):
+    """Trainable parameters (the number a report quotes)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -78,6 +88,8 @@ def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_e
     g.add_argument("--data-dir", default="data", help="where real datasets are downloaded; the root for folder/list")
     g.add_argument("--image-size", type=int, default=image_size, help="images are resized to this many pixels square")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0: load in-process)")
+    g.add_argument("--split-sizes", type=lambda s: tuple(int(n) for n in s.split(",")), default=(50_000, 5_000, 10_000),
+                   help="shapes only: train,validation,test image counts (default 50000,5000,10000, as CIFAR-10)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=batch_size, help="images per optimiser step")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (unless --steps)")
@@ -105,8 +117,9 @@ def forever(loader):
 
 
 def check_finite(loss, step):
-    if not math.isfinite(float(loss)):
-        fail(f"the loss became {float(loss)} at step {step}: lower --lr, or check the data (are images in [-1, 1]?)")
+    value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        fail(f"the loss became {value} at step {step}: lower --lr, or check the data (are images in [-1, 1]?)")
 
 
 # ----------------------------------------------------------------------------- the embedded Shapes dataset
@@ -118,6 +131,7 @@ def check_finite(loss, step):
 # its generative factors.
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "diamond", "hexagon", "crescent")
+# Rotation is not recoverable for circle and ring, and only modulo the symmetry angle for the regular shapes.
 FACTOR_NAMES = ("class", "fg_hue", "bg_hue", "scale", "x", "y", "rotation")
 SCALE_RANGE = (0.18, 0.32)     # circumradius as a fraction of the image side
 CENTRE_RANGE = (0.33, 0.67)    # centre, fraction of the side; with SCALE_RANGE every shape stays inside
@@ -157,7 +171,10 @@ POLYGONS = {
 
 
 def _sd_polygon(p, v):
-    """Signed distance from points p (N, P, 2) to the closed polygon v (K, 2); sign by even-odd crossings."""
+    """Signed distance from points p (N, P, 2) to the closed polygon v (K, 2) (after Quilez's sdPolygon).
+
+    Distance: to the nearest point of the nearest edge. Sign: cast a ray from p to the right; every edge that
+    straddles p's height with p on the matching side flips inside/outside (even-odd rule)."""
     e = v.roll(-1, 0) - v                                            # (K, 2) edges
     w = p[:, :, None, :] - v                                         # (N, P, K, 2)
     h = ((w * e).sum(-1) / (e * e).sum(-1)).clamp(0, 1)              # nearest point on each edge
@@ -174,7 +191,7 @@ def _sd_shape(name, p):
         return r - 0.9
     if name == "ring":
         return (r - 0.72).abs() - 0.22
-    if name == "crescent":      # a disc minus a shifted disc
+    if name == "crescent":      # a disc minus a shifted disc; max() bounds the distance (exact enough for the edge)
         return torch.maximum(r - 0.95, 0.75 - (p - torch.tensor([0.42, 0.0])).norm(dim=-1))
     return _sd_polygon(p, POLYGONS[name])
 
@@ -191,7 +208,7 @@ def render_shapes(factors, size, chunk=256):
     centres = (torch.arange(size) + 0.5) / size
     gy, gx = torch.meshgrid(centres, centres, indexing="ij")
     grid = torch.stack([gx, -gy], -1).reshape(1, -1, 2)              # y up, so rotation is counter-clockwise
-    coverage = torch.empty(len(f), size * size)
+    coverage = torch.zeros(len(f), size * size)
     for c, name in enumerate(SHAPE_CLASSES):
         for idx in (f[:, 0] == c).nonzero().squeeze(1).split(chunk):
             fc = f[idx]
@@ -231,10 +248,8 @@ def shapes_split(split, n, size, seed=0):
     factors = sample_factors(n, rng)
     images, masks = render_shapes(factors, size)
     labels = torch.from_numpy(factors[:, 0].astype(np.int64))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images.numpy(), labels=labels.numpy(), masks=masks.numpy(), factors=factors)
-    os.replace(tmp, path)
+    with _atomic_path(path) as tmp:
+        np.savez(tmp, images=images.numpy(), labels=labels.numpy(), masks=masks.numpy(), factors=factors)
     return images, labels, masks, torch.from_numpy(factors)
 
 
@@ -284,12 +299,16 @@ def _resize(images, size):
 
 
 def _decode(path, size):
-    from PIL import Image
+    """Decode one image file to uint8 (3, size, size): upright (EXIF), centre-cropped to a square, resized."""
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
-            pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB"))).permute(2, 0, 1)
     except (OSError, ValueError) as e:
         fail(f"cannot read image {path}: {e}")
+    h, w = pixels.shape[1:]
+    side = min(h, w)
+    pixels = pixels[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
     return _resize(pixels[None], size)[0]
 
 
@@ -297,7 +316,7 @@ def _decode_all(files, size, what):
     if len(files) * 3 * size * size > IN_MEMORY_BYTES:
         return None        # too large for memory: ImageArray decodes each batch from the files
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:      # PIL releases the GIL while decoding
-        images = list(tqdm(pool.map(lambda f: _decode(f, size), files, chunksize=256), total=len(files),
+        images = list(tqdm(pool.map(lambda f: _decode(f, size), files), total=len(files),
                            desc=f"decoding {what}", leave=False, disable=len(files) < 5000))
     return torch.stack(images)
 
@@ -341,6 +360,7 @@ def _read_list(path, root):
 
 def _label_order(names):
     """Sort class names numerically when they are all integers, else alphabetically."""
+    # the key puts integer names first, in numeric order ("2" before "10"), then the rest alphabetically
     return sorted(set(names), key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
 
 
@@ -381,14 +401,14 @@ def _torchvision_split(name, root, train):
     fail(f"no torchvision split for {name}")
 
 
-def _load_celeba(root, size):
+def _load_celeba(root, size, fields):
     """CelebA's own train/valid/test splits; the label is the 'Male' attribute (0 female, 1 male)."""
     splits = []
     for split in ("train", "valid", "test"):
         d = torchvision.datasets.CelebA(root, split=split, target_type="attr", download=True)
         files = [Path(d.root) / d.base_folder / "img_align_celeba" / f for f in d.filename]
         labels = d.attr[:, d.attr_names.index("Male")].long()
-        splits.append(ImageArray(_decode_all(files, size, f"celeba {split}"), labels, files=files, size=size))
+        splits.append(ImageArray(_decode_all(files, size, f"celeba {split}"), labels, fields, files=files, size=size))
     return splits, ["female", "male"]
 
 
@@ -419,6 +439,8 @@ def load_datasets(name="shapes", data_dir="data", image_size=32, fields=("image"
         try:
             train_images, train_labels, classes = _torchvision_split(name, root / name, train=True)
             test_images, test_labels, _ = _torchvision_split(name, root / name, train=False)
+        except ImportError as e:                # torchvision reads SVHN's .mat files with scipy
+            fail(f"--dataset {name} needs the package {e.name}: pip install {e.name}")
         except (OSError, RuntimeError) as e:    # URLError is an OSError; torchvision raises RuntimeError too
             fail(f"{name} is not in {root / name} and could not be downloaded ({type(e).__name__}: {e}); "
                  f"point --data-dir at a copy, or use the offline default --dataset shapes")
@@ -429,12 +451,12 @@ def load_datasets(name="shapes", data_dir="data", image_size=32, fields=("image"
                 ImageArray(test_images, test_labels, fields)], classes
     if name == "celeba":
         try:
-            splits, classes = _load_celeba(root, image_size)
+            splits, classes = _load_celeba(root, image_size, fields)
+        except ImportError as e:                # torchvision downloads CelebA with gdown
+            fail(f"--dataset celeba needs the package {e.name}: pip install {e.name}")
         except (OSError, RuntimeError) as e:
             fail(f"celeba is not in {root / 'celeba'} and could not be downloaded ({e}); "
                  f"point --data-dir at a copy, or use the offline default --dataset shapes")
-        for s in splits:
-            s.fields = fields
         return splits, classes
     if name in ("folder", "list"):
         if not root.is_dir():
@@ -455,9 +477,12 @@ def _carve_missing(train, val, test):
     if not any(missing):
         return [train, val, test]
     held = _held_out_size(len(labels))
+    if held == 0:
+        fail(f"{len(labels)} training images are too few to carve validation and test splits off (10 at least); "
+             f"add val/ and test/ folders (or validation.txt and test.txt)")
     rest, out = _carve(len(labels), held * sum(missing))
     pick = lambda ix: ([files[i] for i in ix.tolist()], labels[ix])
-    parts = iter(out.split(held)) if held else iter([out, out])
+    parts = iter(out.split(held))
     val = pick(next(parts)) if val is None else val
     test = pick(next(parts)) if test is None else test
     return [pick(rest), val, test]
@@ -508,15 +533,19 @@ def _list_files(root):
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False):
-    """A DataLoader that fetches whole batches from an ImageArray (see ImageArray)."""
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
-        else SequentialSampler(dataset)
+    """A DataLoader that fetches whole batches from an ImageArray (see ImageArray).
+
+    Both the shuffling and the DataLoader's own worker seeds come from a private generator, so iterating a
+    loader never moves the global random stream that model initialisation and noise draws use."""
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=g) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last), batch_size=None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, persistent_workers=num_workers > 0, generator=g)
 
 
 def load_data(args, fields=("image", "label"), sizes=None):
     """Train (shuffled, seeded by --seed), validation and test loaders for the shared flags in `args`."""
+    sizes = sizes or getattr(args, "split_sizes", None)
     (train, val, test), classes = load_datasets(args.dataset, args.data_dir, args.image_size, fields, sizes)
     if len(train) < args.batch_size:
         fail(f"the training set has {len(train)} images, fewer than --batch-size {args.batch_size}")
@@ -552,11 +581,19 @@ class Run:
         if not args.resume and self.ckpt_path.exists():
             fail(f"{self.dir} already holds a run: add --resume to continue it, or choose another --name")
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:      # a run killed before its first checkpoint: nothing to resume, start afresh
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
         args.name = name
-        (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        if not args.resume:      # a resumed run's args.json is rewritten once its checkpoint proved compatible
+            self.write_args()
+
+    def write_args(self):
+        (self.dir / "args.json").write_text(json.dumps(vars(self.args), indent=2, default=str))
 
     def log(self, step, split, **metrics):
-        """Append one record, e.g. log(120, "train", loss=0.031) or log(500, "val", loss=..., fd=...)."""
+        """Append one record, e.g. log(120, "train", loss=0.031) or log(500, "val", loss=..., fd=...).
+
+        `step` counts optimiser steps done (1 after the first), the same count save_checkpoint stores."""
         record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -576,7 +613,9 @@ class Run:
             return None
         state = load_checkpoint(self.ckpt_path, self.args, model_flags, device)
         kept = [r for r in self.metrics() if r["step"] <= state["step"]]
-        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with _atomic_path(self.dir / "metrics.jsonl") as tmp:
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.write_args()
         print(f"resuming {self.dir} at step {state['step']}")
         return state
 
@@ -618,7 +657,8 @@ class Run:
 
     def finish(self, parameters, **metrics):
         """Write final.json (parameter count and final metrics) and the loss plot; print them."""
-        final = {"parameters": parameters, **metrics}
+        final = {"parameters": parameters,
+                 **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}}
         (self.dir / "final.json").write_text(json.dumps(final, indent=2))
         self.plot_losses()
         print(json.dumps(final, indent=2))
@@ -626,13 +666,26 @@ class Run:
         return final
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a reader never sees half a file."""
+@contextlib.contextmanager
+def _atomic_path(path):
+    """Yield a fresh temporary file name beside `path`; rename it to `path` once written. A reader (or a second
+    process writing the same file) never sees half a file, and a killed writer leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename (see _atomic_path)."""
+    with _atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path, args, model_flags, device="cpu"):
@@ -701,14 +754,16 @@ def accuracy(model, loader, device):
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y, *_ in loader:
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     return correct / total
 
 
-def train_classifier(data, steps, device, lr=2e-3, seed=0):
-    """Adam with a cosine learning-rate decay, random horizontal flips and one-pixel shifts as augmentation."""
+def train_classifier(data, steps, device, lr=2e-3, seed=0, flip=True):
+    """AdamW with a one-cycle learning rate (warm-up, then cosine decay); augmentation: circular shifts of up to
+    2 pixels and, unless flip=False (digits), horizontal flips. Seeded by `seed` alone."""
+    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ReferenceClassifier(data.num_classes, data.channels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
@@ -716,10 +771,11 @@ def train_classifier(data, steps, device, lr=2e-3, seed=0):
     batches = forever(data.train)
     model.train()
     for step in tqdm(range(steps), desc="reference classifier", leave=False):
-        x, y = next(batches)
-        x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
-        dx, dy = np.random.randint(-2, 3, size=2)
-        x = torch.roll(x, shifts=(int(dx), int(dy)), dims=(2, 3))
+        x, y, *_ = next(batches)
+        if flip:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
+        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
         loss = F.cross_entropy(model(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -739,9 +795,15 @@ CLASSIFIER_STEPS = {"shapes": 500}   # optimiser steps of 128 images; shapes is 
 DEFAULT_CLASSIFIER_STEPS = 3000
 
 
-def reference_classifier(args, device="cpu", steps=None, data=None):
-    """The dataset's reference classifier: trained on its training split on first use, then loaded from
-    CACHE_DIR/classifiers/. Returns (model in eval mode, test accuracy)."""
+def reference_classifier(args, device="cpu", steps=None):
+    """The dataset's reference classifier: trained on its training split on first use (its own loader: batches
+    of 128, seed 0, so the result depends on the dataset alone), then loaded from CACHE_DIR/classifiers/.
+    The caller's random state is left as it was. Returns (model in eval mode, test accuracy)."""
+    with torch.random.fork_rng(devices=[]):
+        return _reference_classifier(args, device, steps)
+
+
+def _reference_classifier(args, device, steps):
     steps = steps or CLASSIFIER_STEPS.get(args.dataset, DEFAULT_CLASSIFIER_STEPS)
     path = CACHE_DIR / "classifiers" / f"{_dataset_key(args)}-{steps}steps.pt"
     if path.exists():
@@ -749,12 +811,11 @@ def reference_classifier(args, device="cpu", steps=None, data=None):
         model = ReferenceClassifier(state["num_classes"], state["channels"]).to(device)
         model.load_state_dict(state["model"])
         return model.eval(), state["test_accuracy"]
-    if data is None:
-        loader_args = argparse.Namespace(**{**vars(args), "batch_size": 128})
-        data = load_data(loader_args)
+    data = load_data(argparse.Namespace(**{**vars(args), "batch_size": 128, "seed": 0, "num_workers": 0,
+                                            "split_sizes": None}))
     print(f"training the reference classifier for {args.dataset} at {args.image_size}px ({steps} steps), "
           f"cached in {path}")
-    model = train_classifier(data, steps, device)
+    model = train_classifier(data, steps, device, flip=args.dataset not in ("mnist-color", "svhn"))
     test_accuracy = accuracy(model, data.test, device)
     print(f"reference classifier test accuracy {test_accuracy:.4f}")
     save_atomic({"model": model.state_dict(), "num_classes": data.num_classes, "channels": data.channels,
@@ -772,7 +833,8 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchvision.models import Inception_V3_Weights, inception_v3
         try:
-            net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
+            # these ported Google weights expect inputs in [-1, 1], which our images already are
+            net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1, transform_input=False)
         except (OSError, RuntimeError) as e:
             fail(f"the Inception-v3 weights could not be downloaded ({type(e).__name__}: {e}); offline, use "
                  f"--metric classifier (the Frechet distance in the reference classifier's features)")
@@ -781,10 +843,7 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, x):                 # x in [-1, 1], any size, 1 or 3 channels
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-        return self.net(((x + 1) / 2 - mean) / std)
+        return self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
 
 
 class SampleQuality:
@@ -793,12 +852,12 @@ class SampleQuality:
 
     def __init__(self, args, data, device, metric="classifier", split="test", max_real=10_000, classifier_steps=None):
         self.device, self.metric, self.split = device, metric, split
-        self.classifier, self.classifier_accuracy = reference_classifier(args, device, classifier_steps, data)
+        self.classifier, self.classifier_accuracy = reference_classifier(args, device, classifier_steps)
         if metric not in ("classifier", "inception"):
             fail(f"unknown --metric {metric!r}; choose classifier or inception")
         self.features = self.classifier.body if metric == "classifier" else InceptionFeatures().to(device)
         real = []
-        for x, _ in getattr(data, split):
+        for x, *_ in getattr(data, split):
             real.append(self.embed(x))
             if sum(len(r) for r in real) >= max_real:
                 break

@@ -1,6 +1,7 @@
 """Behaviour of the shared plumbing: the shapes data, the loaders and their errors, run records, checkpoints and
 the Frechet distance."""
 import argparse
+import colorsys
 import json
 import math
 import urllib.error
@@ -25,9 +26,10 @@ def make_args(**overrides):
 
 # ----------------------------------------------------------------------------- shapes
 
-def test_shapes_splits_deterministic_and_disjoint():
+def test_shapes_splits_deterministic_and_disjoint(tmp_path, monkeypatch):
     train = common.shapes_split("train", 400, 16)
-    again = common.shapes_split("train", 400, 16)                     # from the cache
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    again = common.shapes_split("train", 400, 16)                     # generated again, in a fresh cache
     factors = train[3].numpy()
     redrawn, _ = common.render_shapes(factors, 16)                    # from scratch
     assert torch.equal(train[0], again[0]) and torch.equal(train[0], redrawn)
@@ -53,11 +55,34 @@ def test_shapes_loader_ranges_and_fields():
 
 
 def test_shuffled_loader_order_follows_seed():
-    args = make_args(image_size=16, batch_size=20)
-    first = lambda seed: next(iter(common.load_data(make_args(image_size=16, batch_size=20, seed=seed),
-                                                    sizes=(200, 20, 20)).train))[1]
+    first = lambda seed, workers=0: next(iter(common.load_data(
+        make_args(image_size=16, batch_size=20, seed=seed, num_workers=workers), sizes=(200, 20, 20)).train))[1]
     assert torch.equal(first(0), first(0)) and not torch.equal(first(0), first(1))
-    assert args.seed == 0
+    assert torch.equal(first(0), first(0, workers=2))
+
+
+def test_hsv_matches_colorsys():
+    h = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    expected = torch.tensor([colorsys.hsv_to_rgb(float(x), 0.85, 0.95) for x in h])
+    assert torch.allclose(common._hsv_to_rgb(h, 0.85, 0.95), expected, atol=1e-6)
+
+
+# area / (scale * size)^2 of each shape, from its geometry; a flipped inside/outside sign breaks these
+SHAPE_AREAS = {"circle": math.pi * 0.81, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4,
+               "hexagon": 3 * math.sqrt(3) / 2, "diamond": 1.1, "ring": math.pi * (0.94 ** 2 - 0.5 ** 2),
+               "cross": 0.95 ** 2 * (4 * 0.6 - 0.36), "star": 5 * 0.45 * math.sin(math.radians(36))}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_shape_areas_and_inside_out(size):
+    rng = np.random.default_rng(1)
+    factors = common.sample_factors(400, rng)
+    images, masks = common.render_shapes(factors, size)
+    assert not masks[:, 0, 0].any() and not masks[:, -1, -1].any()          # corners are always background
+    for name, area in SHAPE_AREAS.items():
+        pick = factors[:, 0] == common.SHAPE_CLASSES.index(name)
+        relative = masks[pick].sum((1, 2)).float() / torch.tensor(factors[pick, 3] * size) ** 2
+        assert relative.mean().item() == pytest.approx(area, rel=0.05), name
 
 
 def test_masks_match_image_colours():
@@ -165,10 +190,22 @@ def test_folder_errors(tmp_path):
         common.load_datasets("folder", tmp_path / "nowhere", 8)
     with pytest.raises(SystemExit, match="no train.txt"):
         common.load_datasets("list", tmp_path / "empty", 8)
-    root = make_folder(tmp_path / "broken", classes=1, per_class=2)
+    root = make_folder(tmp_path / "broken", classes=1, per_class=12)
     (root / "class0" / "1.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=r"cannot read image .*1.png"):
         common.load_datasets("folder", root, 8)
+    with pytest.raises(SystemExit, match="9 training images are too few"):
+        common.load_datasets("folder", make_folder(tmp_path / "tiny", classes=1, per_class=9), 8)
+
+
+def test_non_square_images_are_centre_cropped(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, 10:30] = 255                                          # the white centre square survives the crop
+    for i in range(10):
+        Image.fromarray(pixels).save(tmp_path / "d" / "a" / f"{i}.png")
+    (train, _, _), _ = common.load_datasets("folder", tmp_path / "d", 10)
+    assert (train.images == 255).all()
 
 
 def test_unknown_dataset_lists_choices():
@@ -267,8 +304,9 @@ def test_finish_writes_plot_grid_and_final(tmp_path):
     run.log(25, "val", loss=0.3)
     run.log(49, "test", loss=0.1)
     run.save_grid(torch.rand(16, 3, 8, 8) * 2 - 1, "samples.png", nrow=4)
-    final = run.finish(parameters=123, test_loss=0.1)
-    assert json.loads((run.dir / "final.json").read_text()) == final == {"parameters": 123, "test_loss": 0.1}
+    final = run.finish(parameters=123, test_loss=torch.tensor(0.5), note="10 samples")
+    assert json.loads((run.dir / "final.json").read_text()) == final == \
+        {"parameters": 123, "test_loss": 0.5, "note": "10 samples"}
     for png in ("loss.png", "samples.png"):
         assert Image.open(run.dir / png).size[0] > 30
 
@@ -297,6 +335,16 @@ def test_total_steps_and_device():
     assert common.total_steps(make_args(epochs=2), loader) == 60
     assert common.total_steps(make_args(steps=7), loader) == 7
     assert common.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="unknown --device 'cdua'"):
+        common.get_device("cdua")
+
+
+def test_restart_without_resume_starts_metrics_afresh(tmp_path):
+    run = common.Run("toy", make_args(out=str(tmp_path), name="killed"))
+    run.log(1, "train", loss=1.0)                                    # killed before its first checkpoint
+    again = common.Run("toy", make_args(out=str(tmp_path), name="killed"))
+    again.log(1, "train", loss=9.0)
+    assert again.metrics() == [{"step": 1, "split": "train", "loss": 9.0}]
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -320,6 +368,12 @@ def test_frechet_distance_closed_forms():
     assert common.frechet_distance(torch.zeros(5), a, torch.zeros(5), a) == pytest.approx(0, abs=1e-9)
     assert common.frechet_distance(mu1, a[:3, :3], mu2, b[:3, :3]) == \
         pytest.approx(common.frechet_distance(mu2, b[:3, :3], mu1, a[:3, :3]), rel=1e-9)
+    # rank-deficient covariances (fewer samples than feature dimensions, as with 2048-d Inception features)
+    u = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    low = u @ u.T                                                     # rank 3 in 6 dimensions
+    assert common.frechet_distance(torch.zeros(6), low, torch.zeros(6), low) == pytest.approx(0, abs=1e-6)
+    assert common.frechet_distance(torch.zeros(6), low, torch.zeros(6), torch.zeros(6, 6)) == \
+        pytest.approx(low.trace().item(), rel=1e-9)
 
 
 def test_frechet_distance_from_samples_converges():
@@ -332,17 +386,16 @@ def test_frechet_distance_from_samples_converges():
     assert estimate == pytest.approx(exact, rel=0.02)
 
 
-@pytest.fixture(scope="module")
-def shapes32():
-    args = make_args(image_size=32, batch_size=64)
-    return args, common.load_data(args, sizes=(10_000, 1_000, 2_000))
-
-
-def test_reference_classifier_accuracy_and_frechet(shapes32):
-    args, data = shapes32
+def test_reference_classifier_accuracy_and_frechet():
+    args = make_args(image_size=32, batch_size=64, seed=3)
+    data = common.load_data(args, fields=("image", "label", "factors"), sizes=(1_000, 1_000, 2_000))
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
     quality = common.SampleQuality(args, data, "cpu", split="test", classifier_steps=200)
-    assert quality.classifier_accuracy >= 0.95
-    val_images, val_labels = data.val.dataset[list(range(1000))]
+    assert torch.equal(torch.rand(3), expected_next)          # the caller's random stream is left untouched
+    assert quality.classifier_accuracy >= 0.95                # on the default 10,000 test images
+    val_images, val_labels, _ = data.val.dataset[list(range(1000))]
     noise = torch.rand(1000, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fd_val, fd_noise = quality.frechet(val_images), quality.frechet(noise)
     assert fd_val < 0.05 * fd_noise

@@ -1,0 +1,463 @@
+"""Denoising diffusion probabilistic model (DDPM) with DDIM sampling, from scratch.
+
+Papers: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 (DDPM);
+Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502 (DDIM);
+Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672 (cosine schedule).
+
+    python ddpm.py                                     # embedded shapes, 16px, small U-Net (see README for time)
+    python ddpm.py --dataset cifar10 --steps 1000      # real images
+    python ddpm.py --sample-only --name <run>          # sample from a trained run's checkpoint
+
+Forward process. Images x_0 are scaled to [-1, 1]. With beta_t the noise schedule, alpha_t = 1 - beta_t and
+alpha_bar_t = prod_{s<=t} alpha_s,
+
+    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I),   so   q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)
+
+i.e. x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps with eps ~ N(0, I), in one step for any t.
+`--schedule linear`: beta from 1e-4 to 0.02 for T = 1000 (paper, Sec. 4); for another T both ends are scaled by
+1000 / T, which keeps the product alpha_bar_T (hence how close x_T is to pure noise) about the same.
+`--schedule cosine`: alpha_bar_t = f(t) / f(0), f(t) = cos^2(pi/2 (t/T + s) / (1 + s)), s = 0.008, betas clipped
+at 0.999 (Nichol & Dhariwal, Eq. 17): less noise early, so less of the chain is spent on near-pure noise.
+
+Objective. The model p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) is trained on the variational bound
+    -log p(x_0) <= E_q[ KL(q(x_T|x_0) || p(x_T))  +  sum_{t>1} KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))  -  log p_theta(x_0|x_1) ]
+                      L_T: no parameters            L_{t-1}: match the tractable posterior            L_0: decoder
+The posterior is Gaussian, q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) with
+    mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t,
+    beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
+Writing mu_theta through a noise prediction, mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
+each KL is a weighted squared error, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_theta||^2 + C.
+Dropping the weights gives the simplified objective (Eq. 14, Algorithm 1) this script trains:
+
+    L_simple(theta) = E_{t ~ U{1..T}, x_0, eps ~ N(0, I)} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+
+The weights are large for small t (nearly clean images, easy denoising); dropping them shifts effort to the
+harder, noisier t, which the paper found gives better samples. `loss()` returns the Monte Carlo estimate
+averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="mean"), i.e. L_simple / D.
+`--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
+(Salimans & Ho 2022) with the same unweighted MSE, as ablations.
+
+Index convention: the code's t runs 0..T-1 and stands for the paper's t = 1..T; alpha_bar_prev at t = 0 is 1.
+
+Differences from the paper:
+- Smaller U-Net by default (1.6M parameters, 1/22 of the paper's 35.7M) and 16px shapes, so a CPU run takes minutes;
+  `--channels 128 --channel-mult 1,2,2,2 --attn-res 16 --dropout 0.1 --image-size 32` is the paper's CIFAR-10 model.
+- AdamW with a linear warmup and gradient clipping at 1.0 (the paper: Adam, warmup 5000, clip 1.0).
+- Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
+- Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
+"""
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+MODEL_FLAGS = ("image_size", "channels", "channel_mult", "blocks", "attn_res", "heads", "dropout", "timesteps",
+               "schedule", "pred")
+GROUPS = 8              # GroupNorm groups (the paper: 32, at 128+ channels)
+RES_SCALE = 2 ** -0.5   # keeps the residual sum at unit variance when both branches have it
+WARMUP = 200            # optimiser steps of linear learning-rate warmup (the paper: 5000 over 800k steps)
+GRAD_CLIP = 1.0         # global gradient-norm clip (the paper's code)
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Transformer positional encoding): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the time embedding as a per-channel shift, GroupNorm -> SiLU -> dropout -> conv."""
+
+    def __init__(self, c_in, c_out, emb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(GROUPS, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(GROUPS, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)     # each block starts as the identity: a stable start for deep nets
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.skip(x) + h) * RES_SCALE
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, c, heads):
+        super().__init__()
+        self.norm, self.heads = nn.GroupNorm(GROUPS, c), heads
+        self.qkv, self.out = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q, k, v)                     # (B, heads, HW, C/heads)
+        return (x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))) * RES_SCALE
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): a U-Net whose every residual block receives the time embedding.
+
+    Levels at resolutions S, S/2, ...; `blocks` ResBlocks per level (plus attention where the resolution is in
+    attn_res); the decoder mirrors it, concatenating the encoder's activations (skip connections)."""
+
+    def __init__(self, image_size=16, in_channels=3, channels=32, channel_mult=(1, 2, 2), blocks=2, attn_res=(8,),
+                 heads=4, dropout=0.0):
+        super().__init__()
+        emb_dim = 4 * channels
+        self.channels = channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [channels], channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(blocks):
+                self.down.append(nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout),
+                                                Attention(channels * mult, heads) if res in attn_res else nn.Identity()]))
+                c = channels * mult
+                skips.append(c)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))     # (B, C, H/2, W/2)
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c, heads), ResBlock(c, c, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), channels * mult, emb_dim, dropout),
+                                              Attention(channels * mult, heads) if res in attn_res else nn.Identity()]))
+                c = channels * mult
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.head = nn.Sequential(nn.GroupNorm(GROUPS, c), nn.SiLU(), nn.Conv2d(c, in_channels, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.channels))
+        h = self.stem(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, nn.Conv2d) else layer[1](layer[0](h, emb))
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for layer in self.up:
+            if isinstance(layer, nn.Sequential):
+                h = layer(h)
+            else:
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))   # (B, C + C_skip, H, W) -> (B, C', H, W)
+        return self.head(h)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+class Schedule(nn.Module):
+    """beta_t, alpha_bar_t and alpha_bar_{t-1} for t = 0..T-1 (paper t = 1..T), as buffers so .to(device) moves them."""
+
+    def __init__(self, timesteps=1000, kind="linear"):
+        super().__init__()
+        if kind == "linear":
+            scale = 1000 / timesteps            # Ho et al.'s 1e-4..0.02 is for T = 1000
+            betas = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64)
+        elif kind == "cosine":
+            s = 0.008
+            f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            common.fail(f"unknown --schedule {kind!r}; choose linear or cosine")
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        self.timesteps = timesteps
+        self.register_buffer("betas", betas.float())
+        self.register_buffer("alpha_bar", alpha_bar.float())
+        self.register_buffer("alpha_bar_prev", torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]]).float())
+
+
+def expand(values, t):
+    """Gather per-timestep scalars for a batch of t and shape them to broadcast over images: (B,) -> (B, 1, 1, 1)."""
+    return values[t].view(-1, 1, 1, 1)
+
+
+def q_sample(x0, t, schedule, eps=None):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: a draw from q(x_t | x_0) (Eq. 4)."""
+    eps = torch.randn_like(x0) if eps is None else eps
+    ab = schedule.alpha_bar[t].view(-1, *[1] * (x0.dim() - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def q_posterior(x0, xt, t, schedule):
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7)."""
+    ab, ab_prev = expand(schedule.alpha_bar, t), expand(schedule.alpha_bar_prev, t)
+    beta = 1 - ab / ab_prev
+    mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * xt
+    return mean, (1 - ab_prev) / (1 - ab) * beta
+
+
+def loss(model, x0, schedule, pred="eps"):
+    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v."""
+    t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
+    eps = torch.randn_like(x0)
+    xt = q_sample(x0, t, schedule, eps)
+    ab = expand(schedule.alpha_bar, t)
+    target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[pred]
+    return F.mse_loss(model(xt, t).float(), target)
+
+
+def predict_x0_eps(model_out, xt, ab, pred, clip):
+    """Turn the network's output into (x_0, eps) predictions; clip x_0 to [-1, 1] and re-derive eps from it."""
+    if pred == "eps":
+        x0 = (xt - (1 - ab).sqrt() * model_out) / ab.sqrt()
+    elif pred == "x0":
+        x0 = model_out
+    else:                                        # v = sqrt(ab) eps - sqrt(1 - ab) x0
+        x0 = ab.sqrt() * xt - (1 - ab).sqrt() * model_out
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    return x0, (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def timestep_sequence(timesteps, sample_steps, spacing="uniform"):
+    """The kept timesteps, from high to low. uniform and quadratic run from T-1 to 0 (DDIM paper, App. D.2);
+    trailing (Lin et al. 2024) takes T-1, T-1-T/S, ... and so starts exactly at the last training step."""
+    if not 1 <= sample_steps <= timesteps:
+        common.fail(f"--sample-steps must be between 1 and --timesteps {timesteps}, got {sample_steps}")
+    i = torch.arange(sample_steps, dtype=torch.float64)
+    if spacing == "uniform":
+        ts = (i * (timesteps - 1) / max(sample_steps - 1, 1)).round()
+    elif spacing == "quadratic":
+        ts = ((i / max(sample_steps - 1, 1)) ** 2 * (timesteps - 1)).round()
+        ts = torch.maximum(ts, i)                # near t = 0 the parabola is flatter than one step per step
+    elif spacing == "trailing":
+        ts = (timesteps - 1 - i * timesteps / sample_steps).round().flip(0)
+    else:
+        common.fail(f"unknown --spacing {spacing!r}; choose uniform, quadratic or trailing")
+    ts = torch.unique(ts.long())                 # sorted ascending, duplicates (very short chains) removed
+    return ts.flip(0)
+
+
+@torch.no_grad()
+def sample(model, schedule, n, image_size, channels=3, *, sampler="ddim", sample_steps=50, eta=0.0,
+           spacing="uniform", variance="beta_tilde", pred="eps", clip=True, seed=0, keep_every=0):
+    """Draw n images by running the reverse chain over the kept timesteps tau_S > ... > tau_1.
+
+    Between consecutive kept steps t > s, with ab = alpha_bar_t, ab_s = alpha_bar_s (1 after the last step):
+    - ddim (Song et al., Eq. 12):  x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
+      sigma^2 = eta^2 (1 - ab_s) / (1 - ab) (1 - ab / ab_s); eta = 0 is deterministic, eta = 1 is DDPM's posterior.
+    - ddpm (Algorithm 2 with the posterior mean of Eq. 7): x_s = mu~(x0, x_t) + sigma z with sigma^2 = beta~ or beta,
+      where beta = 1 - ab / ab_s is recomputed from alpha_bar of the kept steps, so skipping steps stays consistent.
+    Both feed the network the original t. All noise comes from a generator seeded with `seed`.
+    Returns the images (and, if keep_every > 0, the list of (t, x_t) every keep_every steps)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, channels, image_size, image_size, generator=g, device=device)
+    ts = timestep_sequence(schedule.timesteps, sample_steps, spacing).tolist()
+    trajectory = []
+    for i, t in enumerate(ts):
+        ab = schedule.alpha_bar[t]
+        ab_s = schedule.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+        x0, eps = predict_x0_eps(model(x, t_batch).float(), x, ab, pred, clip)
+        beta = 1 - ab / ab_s
+        beta_tilde = (1 - ab_s) / (1 - ab) * beta
+        if sampler == "ddim":
+            sigma2 = eta ** 2 * beta_tilde
+            mean = ab_s.sqrt() * x0 + (1 - ab_s - sigma2).clamp(min=0).sqrt() * eps
+        elif sampler == "ddpm":
+            sigma2 = beta_tilde if variance == "beta_tilde" else beta
+            mean = ab_s.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab) * x
+        else:
+            common.fail(f"unknown --sampler {sampler!r}; choose ddpm or ddim")
+        last = i + 1 == len(ts)                 # no noise on the final step (Algorithm 2: z = 0 if t = 1)
+        noise = torch.randn(x.shape, generator=g, device=device) if not last else 0
+        x = mean + sigma2.sqrt() * noise
+        if keep_every and (i % keep_every == 0 or last):
+            trajectory.append((t, x.clamp(-1, 1).cpu()))
+    x = x.clamp(-1, 1)
+    return (x, trajectory) if keep_every else x
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+def build(args, channels):
+    model = UNet(args.image_size, channels, args.channels, args.channel_mult, args.blocks, args.attn_res,
+                 args.heads, args.dropout)
+    return model, Schedule(args.timesteps, args.schedule)
+
+
+def autocast(args, device):
+    """bf16 autocast where the hardware runs it natively (--amp auto), or as forced by --amp bf16/off."""
+    use = args.amp == "bf16" or (args.amp == "auto" and (
+        (device.type == "cuda" and torch.cuda.is_bf16_supported()) or
+        (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+@torch.no_grad()
+def evaluate(model, loader, schedule, args, device, max_batches=None):
+    """Mean L_simple / D over a loader, with fixed t and noise (seeded) so successive evaluations compare."""
+    model.eval()
+    total, n = 0.0, 0
+    with torch.random.fork_rng(devices=[]):    # the training run's random stream is left untouched
+        torch.manual_seed(1)
+        for b, (x, _) in enumerate(loader):
+            if max_batches and b == max_batches:
+                break
+            x = x.to(device, memory_format=torch.channels_last)
+            with autocast(args, device):
+                total += loss(model, x, schedule, args.pred).item() * len(x)
+            n += len(x)
+    return total / n
+
+
+def generate(model, schedule, args, n, device, **overrides):
+    """Samples in batches of --batch-size with the flags' sampler settings; returns (images, seconds per image)."""
+    settings = dict(sampler=args.sampler, sample_steps=args.sample_steps, eta=args.eta, spacing=args.spacing,
+                    variance=args.variance, pred=args.pred, clip=args.clip)
+    settings.update(overrides)
+    start, images = time.perf_counter(), []
+    for i, b in enumerate(range(0, n, args.sample_batch)):
+        with autocast(args, device):
+            images.append(sample(model, schedule, min(args.sample_batch, n - b), args.image_size, args.in_channels,
+                                 seed=args.seed + i, **settings).float().cpu())
+    return torch.cat(images), (time.perf_counter() - start) / n
+
+
+def train(args):
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    data = common.load_data(args)
+    args.in_channels = data.channels
+    run = common.Run("ddpm", args)
+    model, schedule = build(args, data.channels)
+    model, schedule = model.to(device, memory_format=torch.channels_last), schedule.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    parameters = common.count_parameters(model)
+    print(f"U-Net: {parameters:,} parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
+                            fused=device.type in ("cuda", "cpu"))
+    steps = common.total_steps(args, data.train)
+    start = 0
+    state = run.load_checkpoint(MODEL_FLAGS, device) if args.resume or args.sample_only else None
+    if state:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    if args.sample_only:
+        steps = start
+    if args.compile:
+        model = torch.compile(model)
+    batches = common.forever(data.train)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="ddpm", disable=args.sample_only)
+    for step in bar:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
+        x, _ = next(batches)
+        x = x.to(device, memory_format=torch.channels_last)
+        with autocast(args, device):
+            l = loss(model, x, schedule, args.pred)
+        common.check_finite(l, step)
+        opt.zero_grad(set_to_none=True)
+        l.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        with torch.no_grad():   # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 copies
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - args.ema)
+        run.log(step + 1, "train", loss=l.item())
+        bar.set_postfix(loss=f"{l.item():.4f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
+            run.log(step + 1, "val", loss=val)
+            tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
+            run.save_checkpoint(step + 1, model=getattr(model, "_orig_mod", model).state_dict(),
+                                ema=ema.state_dict(), optimizer=opt.state_dict())
+            run.save_grid(generate(ema, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
+    return run, ema, schedule, data, parameters, device, steps
+
+
+def report(run, ema, schedule, data, parameters, device, steps, args):
+    """Test loss, the figures, and the Frechet distance of --fid-samples samples against the test split."""
+    ema.eval()
+    test = evaluate(ema, data.test, schedule, args, device)
+    run.log(steps, "test", loss=test)
+    images, seconds = generate(ema, schedule, args, 64, device)
+    run.save_grid(images, "samples.png")
+    _, trajectory = sample(ema, schedule, 8, args.image_size, args.in_channels, sampler=args.sampler,
+                           sample_steps=args.sample_steps, eta=args.eta, spacing=args.spacing,
+                           variance=args.variance, pred=args.pred, clip=args.clip, seed=args.seed,
+                           keep_every=max(1, args.sample_steps // 8))
+    run.save_grid(torch.stack([x for _, x in trajectory], 1).flatten(0, 1), "reverse_process.png",
+                  nrow=len(trajectory))
+    metrics = {"test_loss": test, "seconds_per_image": seconds}
+    if args.fid_samples:
+        quality = common.SampleQuality(args, data, device, metric=args.metric)
+        samples, _ = generate(ema, schedule, args, args.fid_samples, device)
+        metrics["frechet_distance"] = quality.frechet(samples)
+        probs = torch.cat([quality.classifier(b.to(device)).softmax(1).cpu() for b in samples.split(250)])
+        metrics["confident_share"] = (probs.max(1).values >= 0.9).float().mean().item()
+        metrics["frechet_note"] = quality.describe(args.fid_samples)
+    return run.finish(parameters, **metrics)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="DDPM / DDIM (Ho et al. 2020; Song et al. 2021)")
+    common.add_shared_flags(p, batch_size=64, lr=1e-3, steps=3000, eval_every=1000, image_size=16)
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=int, default=32, help="base channels of the U-Net (paper: 128)")
+    g.add_argument("--channel-mult", type=lambda s: tuple(map(int, s.split(","))), default=(1, 2, 2),
+                   help="channels per level as multiples of --channels, comma separated (paper: 1,2,2,2)")
+    g.add_argument("--blocks", type=int, default=2, help="residual blocks per level (paper: 2)")
+    g.add_argument("--attn-res", type=lambda s: tuple(int(r) for r in s.split(",") if r), default=(8,),
+                   help="resolutions with self-attention, comma separated (paper: 16)")
+    g.add_argument("--heads", type=int, default=4, help="attention heads")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks (paper: 0.1 on CIFAR-10)")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--timesteps", type=int, default=1000, help="T, diffusion steps (paper: 1000)")
+    g.add_argument("--schedule", default="linear", help="linear (paper) or cosine (Nichol & Dhariwal)")
+    g.add_argument("--pred", default="eps", choices=("eps", "x0", "v"), help="what the network predicts (paper: eps)")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="DDIM (Song et al.) or ancestral DDPM")
+    g.add_argument("--sample-steps", type=int, default=100, help="reverse steps (<= T; DDPM paper: all T)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 the DDPM posterior")
+    g.add_argument("--spacing", default="uniform", help="kept timesteps: uniform, quadratic or trailing")
+    g.add_argument("--variance", default="beta_tilde", choices=("beta_tilde", "beta"),
+                   help="DDPM sampler variance: posterior beta~_t or beta_t (both in the paper)")
+    g.add_argument("--clip", type=int, default=1, help="1: clip predicted x_0 to [-1, 1] at every step; 0: don't")
+    g.add_argument("--sample-batch", type=int, default=500, help="images per sampling batch")
+    g.add_argument("--sample-only", action="store_true", help="load run --name's checkpoint and only sample")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
+    g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
+                   help="bf16 autocast; auto: where the hardware has native bf16 (slower for the small default here)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first step)")
+    args = p.parse_args(argv)
+    if args.sample_only:
+        args.resume = True
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    print(vars(args))
+    report(*train(args), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""ddpm.py: the forward process and posterior in closed form, the samplers' identities, learning, determinism,
+checkpoints and the command line."""
+import json
+
+import pytest
+import torch
+
+import ddpm
+
+TINY = dict(image_size=8, channels=16, channel_mult=(1, 2), blocks=1, attn_res=(4,), heads=2)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return ddpm.UNet(in_channels=3, **{**TINY, **overrides}).eval()
+
+
+def test_forward_marginal_matches_closed_form():
+    torch.manual_seed(0)
+    s = ddpm.Schedule(timesteps=100)
+    x0, t = torch.full((200_000,), 0.7), torch.full((200_000,), 40)
+    xt = ddpm.q_sample(x0, t, s)
+    assert abs(xt.mean() - s.alpha_bar[40].sqrt() * 0.7) < 0.01
+    assert abs(xt.var() - (1 - s.alpha_bar[40])) < 0.01
+
+
+def test_stepping_the_chain_matches_q_sample():
+    """x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, applied t+1 times, has q(x_t | x_0)'s mean and variance."""
+    torch.manual_seed(0)
+    s = ddpm.Schedule(timesteps=50, kind="cosine")
+    x = torch.full((100_000,), -0.5)
+    for t in range(31):
+        x = (1 - s.betas[t]).sqrt() * x + s.betas[t].sqrt() * torch.randn_like(x)
+    assert abs(x.mean() - s.alpha_bar[30].sqrt() * -0.5) < 0.01
+    assert abs(x.var() - (1 - s.alpha_bar[30])) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("timesteps", [100, 1000])
+def test_schedules(kind, timesteps):
+    s = ddpm.Schedule(timesteps, kind)
+    ab = s.alpha_bar
+    assert (ab > 0).all() and (ab < 1).all() and (ab[1:] < ab[:-1]).all()
+    assert ab[-1] < 1e-3 if kind == "cosine" else ab[-1] < 1e-4        # x_T is close to pure noise for any T
+    assert s.alpha_bar_prev[0] == 1 and torch.equal(s.alpha_bar_prev[1:], ab[:-1])
+    if kind == "linear":
+        assert s.betas[0] == pytest.approx(1e-4 * 1000 / timesteps) and s.betas[-1] == pytest.approx(0.02 * 1000 / timesteps)
+
+
+def test_posterior_is_the_gaussian_conditional():
+    """q(x_{t-1} | x_t, x_0) by Bayes from q(x_t | x_{t-1}) q(x_{t-1} | x_0), in one dimension."""
+    s = ddpm.Schedule(timesteps=100)
+    t = torch.tensor([30])
+    x0, xt = torch.tensor(0.4).view(1, 1, 1, 1), torch.tensor(-0.3).view(1, 1, 1, 1)
+    beta, ab_prev = s.betas[30].double(), s.alpha_bar[29].double()
+    # product of N(x; sqrt(ab_prev) x0, 1 - ab_prev) and N(xt; sqrt(1 - beta) x, beta) as a Gaussian in x
+    precision = 1 / (1 - ab_prev) + (1 - beta) / beta
+    mean = (ab_prev.sqrt() * 0.4 / (1 - ab_prev) + (1 - beta).sqrt() * -0.3 / beta) / precision
+    got_mean, got_var = ddpm.q_posterior(x0, xt, t, s)
+    assert got_mean.item() == pytest.approx(mean.item(), rel=1e-4)
+    assert got_var.item() == pytest.approx((1 / precision).item(), rel=1e-4)
+
+
+def test_timestep_sequences():
+    for spacing in ("uniform", "quadratic"):
+        ts = ddpm.timestep_sequence(1000, 50, spacing)
+        assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 50 and (ts[1:] < ts[:-1]).all()
+    trailing = ddpm.timestep_sequence(1000, 50, "trailing")
+    assert trailing[0] == 999 and trailing[-1] == 19 and len(trailing) == 50
+    assert torch.equal(ddpm.timestep_sequence(100, 100), torch.arange(99, -1, -1))
+    with pytest.raises(SystemExit, match="--sample-steps must be between 1 and --timesteps 100"):
+        ddpm.timestep_sequence(100, 101)
+
+
+def test_ddim_with_eta_one_on_all_steps_is_ancestral_ddpm():
+    model, s = tiny_model(), ddpm.Schedule(timesteps=30)
+    kw = dict(n=4, image_size=8, sample_steps=30, seed=3)
+    a = ddpm.sample(model, s, sampler="ddim", eta=1.0, **kw)
+    b = ddpm.sample(model, s, sampler="ddpm", variance="beta_tilde", **kw)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_skipped_steps_use_betas_of_the_kept_steps():
+    """With every step kept, the recomputed beta = 1 - ab_t / ab_{t-1} is the schedule's own beta."""
+    s = ddpm.Schedule(timesteps=100)
+    assert torch.allclose(1 - s.alpha_bar / s.alpha_bar_prev, s.betas, atol=1e-5)
+
+
+def test_sampler_is_deterministic_under_a_seed_and_in_range():
+    model, s = tiny_model(), ddpm.Schedule(timesteps=20)
+    for sampler in ("ddim", "ddpm"):
+        a = ddpm.sample(model, s, 3, 8, sampler=sampler, sample_steps=10, eta=0.5, seed=1)
+        assert torch.equal(a, ddpm.sample(model, s, 3, 8, sampler=sampler, sample_steps=10, eta=0.5, seed=1))
+        assert not torch.equal(a, ddpm.sample(model, s, 3, 8, sampler=sampler, sample_steps=10, eta=0.5, seed=2))
+        assert a.shape == (3, 3, 8, 8) and a.abs().max() <= 1
+
+
+@pytest.mark.parametrize("pred", ["eps", "x0", "v"])
+def test_predictions_invert_to_the_true_x0_and_eps(pred):
+    torch.manual_seed(0)
+    x0, eps, ab = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4), torch.tensor(0.3)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    out = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[pred]
+    got_x0, got_eps = ddpm.predict_x0_eps(out, xt, ab, pred, clip=False)
+    assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
+
+
+def test_clipping_rederives_eps_from_the_clipped_x0():
+    xt, ab = torch.full((1, 1, 1, 1), 2.0), torch.tensor(0.5)
+    x0, eps = ddpm.predict_x0_eps(torch.full((1, 1, 1, 1), -3.0), xt, ab, "eps", clip=True)
+    assert x0.item() == 1.0
+    assert torch.allclose(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, xt)     # still consistent with x_t
+
+
+def test_model_shapes_time_dependence_and_default_size():
+    model = tiny_model()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 500])
+    assert model(x, t).shape == x.shape
+    for p in model.parameters():               # zero-initialised last convs make the output time-independent
+        torch.nn.init.normal_(p, std=0.05)     # at init; randomise to see the time embedding at work
+    assert not torch.allclose(model(x, torch.tensor([1, 1])), model(x, torch.tensor([900, 900])))
+    args = ddpm.get_args([])
+    assert sum(p.numel() for p in ddpm.build(args, 3)[0].parameters()) == 1_624_323
+
+
+def test_loss_falls_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model, s = ddpm.UNet(in_channels=3, **TINY), ddpm.Schedule(timesteps=100)
+    x0 = torch.zeros(16, 3, 8, 8)
+    x0[:, :, 2:6, 2:6] = 1                     # a white square on black
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = ddpm.loss(model, x0, s)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:5]) / 5
+
+
+def cli(tmp_path, *extra):
+    return ["--image-size", "8", "--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn-res", "4",
+            "--heads", "2", "--split-sizes", "64,16,16", "--timesteps", "20", "--sample-steps", "5", "--batch-size", "8", "--fid-samples", "0",
+            "--out", str(tmp_path), "--name", "t", *extra]
+
+
+def test_cli_resume_and_sample_only(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
+    run = tmp_path / "ddpm" / "t"
+    for f in ("ckpt.pt", "samples.png", "reverse_process.png", "loss.png", "final.json", "args.json"):
+        assert (run / f).exists(), f
+    first = torch.load(run / "ckpt.pt", weights_only=False)
+    assert first["step"] == 2
+    ddpm.main(cli(tmp_path, "--steps", "4", "--eval-every", "2", "--resume"))
+    second = torch.load(run / "ckpt.pt", weights_only=False)
+    assert second["step"] == 4 and not torch.equal(first["model"]["stem.weight"], second["model"]["stem.weight"])
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    ddpm.main(cli(tmp_path, "--sample-only"))
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 4
+    with pytest.raises(SystemExit, match="was made with --channels 16; this run has --channels 32"):
+        ddpm.main(cli(tmp_path, "--resume", "--channels", "32"))
