@@ -374,9 +374,12 @@ def train(args):
         l.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
-        with torch.no_grad():   # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 copies
+        # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 copies. The decay ramps up as
+        # (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights.
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - args.ema)
+                p_ema.lerp_(p, 1 - decay)
         run.log(step + 1, "train", loss=l.item())
         bar.set_postfix(loss=f"{l.item():.4f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
