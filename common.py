@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor

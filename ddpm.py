@@ -321,16 +321,19 @@ def evaluate(model, loader, schedule, args, device, max_batches=None):
     return total / n
 
 
-def generate(model, schedule, args, n, device, **overrides):
-    """Samples in batches of --batch-size with the flags' sampler settings; returns (images, seconds per image)."""
-    settings = dict(sampler=args.sampler, sample_steps=args.sample_steps, eta=args.eta, spacing=args.spacing,
-                    variance=args.variance, pred=args.pred, clip=args.clip)
-    settings.update(overrides)
+def sampler_settings(args):
+    """The sampling flags, as keyword arguments of sample()."""
+    return dict(sampler=args.sampler, sample_steps=args.sample_steps, eta=args.eta, spacing=args.spacing,
+                variance=args.variance, pred=args.pred, clip=args.clip)
+
+
+def generate(model, schedule, args, n, device):
+    """Samples in batches of --sample-batch with the flags' sampler settings; returns (images, seconds per image)."""
     start, images = time.perf_counter(), []
     for i, b in enumerate(range(0, n, args.sample_batch)):
         with autocast(args, device):
             images.append(sample(model, schedule, min(args.sample_batch, n - b), args.image_size, args.in_channels,
-                                 seed=args.seed + i, **settings).float().cpu())
+                                 seed=args.seed + i, **sampler_settings(args)).float().cpu())
     return torch.cat(images), (time.perf_counter() - start) / n
 
 
@@ -399,10 +402,8 @@ def report(run, ema, schedule, data, parameters, device, steps, args):
     run.log(steps, "test", loss=test)
     images, seconds = generate(ema, schedule, args, 64, device)
     run.save_grid(images, "samples.png")
-    _, trajectory = sample(ema, schedule, 8, args.image_size, args.in_channels, sampler=args.sampler,
-                           sample_steps=args.sample_steps, eta=args.eta, spacing=args.spacing,
-                           variance=args.variance, pred=args.pred, clip=args.clip, seed=args.seed,
-                           keep_every=max(1, args.sample_steps // 8))
+    _, trajectory = sample(ema, schedule, 8, args.image_size, args.in_channels, seed=args.seed,
+                           keep_every=max(1, args.sample_steps // 8), **sampler_settings(args))
     run.save_grid(torch.stack([x for _, x in trajectory], 1).flatten(0, 1), "reverse_process.png",
                   nrow=len(trajectory))
     metrics = {"test_loss": test, "seconds_per_image": seconds}
