@@ -559,31 +559,33 @@ def load_data(args, fields=("image", "label"), sizes=None):
 class Run:
     """One run's directory <out>/<script>/<name>/: args.json, metrics.jsonl, loss.png, grids, final.json, ckpt.pt.
 
-    With --resume the directory is --name's (or the latest run's), and `load_checkpoint` returns its state."""
+    With --resume the directory is --name's (or the latest run's), and `load_checkpoint` returns its state.
+    reopen=True (a script's --sample-only) opens such a finished run read-only: its args.json, metrics.jsonl and
+    final.json stay as training left them, and new results go to new files."""
 
-    def __init__(self, script, args):
+    def __init__(self, script, args, reopen=False):
         root = Path(args.out) / script
-        name = args.name
-        if args.resume and name is None:
+        name, existing = args.name, args.resume or reopen
+        if existing and name is None:
             runs = sorted(root.glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
             if not runs:
-                fail(f"--resume: no run with a checkpoint under {root}")
+                fail(f"{'--sample-only' if reopen else '--resume'}: no run with a checkpoint under {root}")
             name = runs[-1].parent.name
         if name is None:
             name = time.strftime("%Y%m%d-%H%M%S")
             while (root / name).exists():
                 name += "+"
-        self.dir, self.args = root / name, args
+        self.dir, self.args, self.reopen = root / name, args, reopen
         self.ckpt_path = self.dir / "ckpt.pt"
-        if args.resume and not self.ckpt_path.exists():
-            fail(f"--resume: {self.ckpt_path} does not exist")
-        if not args.resume and self.ckpt_path.exists():
+        if existing and not self.ckpt_path.exists():
+            fail(f"{'--sample-only' if reopen else '--resume'}: {self.ckpt_path} does not exist")
+        if not existing and self.ckpt_path.exists():
             fail(f"{self.dir} already holds a run: add --resume to continue it, or choose another --name")
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:      # a run killed before its first checkpoint: nothing to resume, start afresh
+        if not existing:         # a run killed before its first checkpoint: nothing to resume, start afresh
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
         args.name = name
-        if not args.resume:      # a resumed run's args.json is rewritten once its checkpoint proved compatible
+        if not existing:         # a resumed run's args.json is rewritten once its checkpoint proved compatible
             self.write_args()
 
     def write_args(self):
@@ -606,11 +608,13 @@ class Run:
         save_atomic({"step": step, "args": vars(self.args), **state}, self.ckpt_path)
 
     def load_checkpoint(self, model_flags, device):
-        """The checkpoint's state if --resume, else None. Metric records after its step are dropped, since the
-        resumed run will log those steps again."""
-        if not self.args.resume:
+        """The checkpoint's state if --resume (or reopened), else None. On --resume, metric records after its step
+        are dropped, since the resumed run will log those steps again."""
+        if not (self.args.resume or self.reopen):
             return None
         state = load_checkpoint(self.ckpt_path, self.args, model_flags, device)
+        if self.reopen:
+            return state
         kept = [r for r in self.metrics() if r["step"] <= state["step"]]
         with _atomic_path(self.dir / "metrics.jsonl") as tmp:
             Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -654,14 +658,15 @@ class Run:
         fig.savefig(self.dir / filename, dpi=100)
         plt.close(fig)
 
-    def finish(self, parameters, **metrics):
-        """Write final.json (parameter count and final metrics) and the loss plot; print them."""
+    def finish(self, parameters, filename="final.json", **metrics):
+        """Write final.json (parameter count and final metrics; a reopened run names its own file) and the loss
+        plot; print them."""
         final = {"parameters": parameters,
                  **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}}
-        (self.dir / "final.json").write_text(json.dumps(final, indent=2))
+        (self.dir / filename).write_text(json.dumps(final, indent=2))
         self.plot_losses()
         print(json.dumps(final, indent=2))
-        print(f"run written to {self.dir}")
+        print(f"{filename} written to {self.dir}")
         return final
 
 

@@ -44,6 +44,7 @@ Differences from the paper:
   `--channels 128 --channel-mult 1,2,2,2 --attn-res 16 --dropout 0.1 --image-size 32` is the paper's CIFAR-10 model.
 - AdamW with a linear warmup and gradient clipping at 1.0 (the paper: Adam, warmup 5000, clip 1.0).
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
+- No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
 - Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
 """
 import argparse
@@ -258,15 +259,17 @@ def sample(model, schedule, n, image_size, channels=3, *, sampler="ddim", sample
     - ddpm (Algorithm 2 with the posterior mean of Eq. 7): x_s = mu~(x0, x_t) + sigma z with sigma^2 = beta~ or beta,
       where beta = 1 - ab / ab_s is recomputed from alpha_bar of the kept steps, so skipping steps stays consistent.
     Both feed the network the original t. All noise comes from a generator seeded with `seed`.
-    Returns the images (and, if keep_every > 0, the list of (t, x_t) every keep_every steps)."""
+    Returns the images (and, if keep_every > 0, the pairs (t, x_t) at the start, every keep_every steps and at
+    the end, with t in the code's 0..T-1 convention and t = -1 for the final x_0)."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, channels, image_size, image_size, generator=g, device=device)
     ts = timestep_sequence(schedule.timesteps, sample_steps, spacing).tolist()
-    trajectory = []
+    trajectory = [(ts[0], x.cpu())]
     for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1          # the next kept step; -1: the clean image x_0
         ab = schedule.alpha_bar[t]
-        ab_s = schedule.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+        ab_s = schedule.alpha_bar[s] if s >= 0 else torch.ones((), device=device)
         t_batch = torch.full((n,), t, device=device, dtype=torch.long)
         x0, eps = predict_x0_eps(model(x, t_batch).float(), x, ab, pred, clip)
         beta = 1 - ab / ab_s
@@ -279,11 +282,10 @@ def sample(model, schedule, n, image_size, channels=3, *, sampler="ddim", sample
             mean = ab_s.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab) * x
         else:
             common.fail(f"unknown --sampler {sampler!r}; choose ddpm or ddim")
-        last = i + 1 == len(ts)                 # no noise on the final step (Algorithm 2: z = 0 if t = 1)
-        noise = torch.randn(x.shape, generator=g, device=device) if not last else 0
+        noise = torch.randn(x.shape, generator=g, device=device) if s >= 0 else 0   # Algorithm 2: z = 0 at t = 1
         x = mean + sigma2.sqrt() * noise
-        if keep_every and (i % keep_every == 0 or last):
-            trajectory.append((t, x.clamp(-1, 1).cpu()))
+        if keep_every and ((i + 1) % keep_every == 0 or s < 0):
+            trajectory.append((s, x.cpu()))
     x = x.clamp(-1, 1)
     return (x, trajectory) if keep_every else x
 
@@ -342,7 +344,7 @@ def train(args):
     common.seed_everything(args.seed)
     data = common.load_data(args)
     args.in_channels = data.channels
-    run = common.Run("ddpm", args)
+    run = common.Run("ddpm", args, reopen=args.sample_only)
     model, schedule = build(args, data.channels)
     model, schedule = model.to(device, memory_format=torch.channels_last), schedule.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -352,7 +354,7 @@ def train(args):
                             fused=device.type in ("cuda", "cpu"))
     steps = common.total_steps(args, data.train)
     start = 0
-    state = run.load_checkpoint(MODEL_FLAGS, device) if args.resume or args.sample_only else None
+    state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -395,18 +397,27 @@ def train(args):
     return run, ema, schedule, data, parameters, device, steps
 
 
+def sampler_tag(args):
+    """Names a --sample-only run's files after its sampler, e.g. ddim50_eta0 or ddpm1000_beta_tilde."""
+    tag = f"{args.sampler}{args.sample_steps}_" + (f"eta{args.eta:g}" if args.sampler == "ddim" else args.variance)
+    return tag + ("" if args.spacing == "uniform" else f"_{args.spacing}") + ("" if args.clip else "_noclip")
+
+
 def report(run, ema, schedule, data, parameters, device, steps, args):
-    """Test loss, the figures, and the Frechet distance of --fid-samples samples against the test split."""
+    """Test loss, the figures, and the Frechet distance of --fid-samples samples against the test split.
+    After --sample-only, files are named after the sampler (samples_<tag>.png, sampling_<tag>.json) and the
+    test loss, which sampling does not change, is not recomputed."""
     ema.eval()
-    test = evaluate(ema, data.test, schedule, args, device)
-    run.log(steps, "test", loss=test)
-    images, seconds = generate(ema, schedule, args, 64, device)
-    run.save_grid(images, "samples.png")
+    metrics, suffix = {}, f"_{sampler_tag(args)}" if args.sample_only else ""
+    if not args.sample_only:
+        metrics["test_loss"] = evaluate(ema, data.test, schedule, args, device)
+        run.log(steps, "test", loss=metrics["test_loss"])
+    images, metrics["seconds_per_image"] = generate(ema, schedule, args, 64, device)
+    run.save_grid(images, f"samples{suffix}.png")
     _, trajectory = sample(ema, schedule, 8, args.image_size, args.in_channels, seed=args.seed,
                            keep_every=max(1, args.sample_steps // 8), **sampler_settings(args))
-    run.save_grid(torch.stack([x for _, x in trajectory], 1).flatten(0, 1), "reverse_process.png",
+    run.save_grid(torch.stack([x for _, x in trajectory], 1).flatten(0, 1), f"reverse_process{suffix}.png",
                   nrow=len(trajectory))
-    metrics = {"test_loss": test, "seconds_per_image": seconds}
     if args.fid_samples:
         quality = common.SampleQuality(args, data, device, metric=args.metric)
         samples, _ = generate(ema, schedule, args, args.fid_samples, device)
@@ -414,7 +425,8 @@ def report(run, ema, schedule, data, parameters, device, steps, args):
         probs = torch.cat([quality.classifier(b.to(device)).softmax(1).cpu() for b in samples.split(250)])
         metrics["confident_share"] = (probs.max(1).values >= 0.9).float().mean().item()
         metrics["frechet_note"] = quality.describe(args.fid_samples)
-    return run.finish(parameters, **metrics)
+    return run.finish(parameters, f"sampling{suffix}.json" if args.sample_only else "final.json",
+                      step=steps, **metrics)
 
 
 def get_args(argv=None):
@@ -443,7 +455,9 @@ def get_args(argv=None):
                    help="DDPM sampler variance: posterior beta~_t or beta_t (both in the paper)")
     g.add_argument("--clip", type=int, default=1, help="1: clip predicted x_0 to [-1, 1] at every step; 0: don't")
     g.add_argument("--sample-batch", type=int, default=500, help="images per sampling batch")
-    g.add_argument("--sample-only", action="store_true", help="load run --name's checkpoint and only sample")
+    g.add_argument("--sample-only", action="store_true",
+                   help="sample from run --name's checkpoint (default: the latest run) without training; "
+                        "writes samples_<sampler>.png and sampling_<sampler>.json beside the run's own files")
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
@@ -451,10 +465,7 @@ def get_args(argv=None):
     g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
                    help="bf16 autocast; auto: where the hardware has native bf16 (slower for the small default here)")
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first step)")
-    args = p.parse_args(argv)
-    if args.sample_only:
-        args.resume = True
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -80,10 +80,35 @@ def test_ddim_with_eta_one_on_all_steps_is_ancestral_ddpm():
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_skipped_steps_use_betas_of_the_kept_steps():
-    """With every step kept, the recomputed beta = 1 - ab_t / ab_{t-1} is the schedule's own beta."""
-    s = ddpm.Schedule(timesteps=100)
-    assert torch.allclose(1 - s.alpha_bar / s.alpha_bar_prev, s.betas, atol=1e-5)
+class PointOracle(torch.nn.Module):
+    """The ideal eps-prediction when all data is one image x*: eps = (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t)."""
+
+    def __init__(self, target, schedule):
+        super().__init__()
+        self.target, self.schedule = torch.nn.Parameter(target), schedule
+
+    def forward(self, x, t):
+        ab = self.schedule.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler, eta, spacing", [("ddpm", 0, "uniform"), ("ddpm", 0, "quadratic"),
+                                                   ("ddim", 1, "uniform"), ("ddim", 0, "trailing")])
+def test_skipped_steps_keep_the_forward_marginals(sampler, eta, spacing):
+    """With an exact model of one-image data, every kept x_s of a respaced chain (10 of 1000 steps) must be
+    distributed as q(x_s | x*) = N(sqrt(ab_s) x*, (1 - ab_s) I). Taking a skipped step's variance from the
+    original one-step beta_t (instead of 1 - ab_t / ab_s) leaves far too little noise and fails this."""
+    s = ddpm.Schedule(timesteps=1000)
+    target = torch.linspace(-0.8, 0.8, 48).view(1, 3, 4, 4)
+    oracle = PointOracle(target, s)
+    x, trajectory = ddpm.sample(oracle, s, 4000, 4, sampler=sampler, eta=eta, spacing=spacing, sample_steps=10,
+                                seed=0, keep_every=1)
+    assert torch.allclose(x, target.expand_as(x), atol=1e-4)              # the chain ends at x*
+    assert len(trajectory) == 11 and trajectory[0][0] == 999 and trajectory[-1][0] == -1
+    for t, xt in trajectory[1:-1]:
+        ab = s.alpha_bar[t]
+        assert torch.allclose(xt.mean(0), ab.sqrt() * target[0], atol=0.06), t
+        assert abs(xt.var(0).mean() / (1 - ab) - 1) < 0.03, t
 
 
 def test_sampler_is_deterministic_under_a_seed_and_in_range():
@@ -158,7 +183,12 @@ def test_cli_resume_and_sample_only(tmp_path):
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["split"] == "train"]
     assert steps == [1, 2, 3, 4]
-    ddpm.main(cli(tmp_path, "--sample-only"))
+    records = {f: (run / f).read_text() for f in ("args.json", "metrics.jsonl", "final.json")}
+    ddpm.main(cli(tmp_path, "--sample-only", "--sampler", "ddpm"))
     assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 4
+    assert records == {f: (run / f).read_text() for f in records}          # the training run's records are kept
+    sampled = json.loads((run / "sampling_ddpm5_beta_tilde.json").read_text())
+    assert sampled["step"] == 4 and "seconds_per_image" in sampled and "test_loss" not in sampled
+    assert (run / "samples_ddpm5_beta_tilde.png").exists() and (run / "reverse_process_ddpm5_beta_tilde.png").exists()
     with pytest.raises(SystemExit, match="was made with --channels 16; this run has --channels 32"):
         ddpm.main(cli(tmp_path, "--resume", "--channels", "32"))
