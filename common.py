@@ -69,6 +69,15 @@ def get_device(name="auto"):
     return device
 
 
+def autocast(amp, device):
+    """bf16 autocast for --amp bf16, none for --amp off; --amp auto uses it where the hardware runs bf16 natively
+    (recent GPUs, CPUs with AVX-512 BF16 or AMX), since older CPUs emulate it and get slower."""
+    use = amp == "bf16" or (amp == "auto" and (
+        (device.type == "cuda" and torch.cuda.is_bf16_supported()) or
+        (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -298,14 +298,6 @@ def build(args, channels):
     return model, Schedule(args.timesteps, args.schedule)
 
 
-def autocast(args, device):
-    """bf16 autocast where the hardware runs it natively (--amp auto), or as forced by --amp bf16/off."""
-    use = args.amp == "bf16" or (args.amp == "auto" and (
-        (device.type == "cuda" and torch.cuda.is_bf16_supported()) or
-        (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
 @torch.no_grad()
 def evaluate(model, loader, schedule, args, device, max_batches=None):
     """Mean L_simple / D over a loader, with fixed t and noise (seeded) so successive evaluations compare."""
@@ -317,7 +309,7 @@ def evaluate(model, loader, schedule, args, device, max_batches=None):
             if max_batches and b == max_batches:
                 break
             x = x.to(device, memory_format=torch.channels_last)
-            with autocast(args, device):
+            with common.autocast(args.amp, device):
                 total += loss(model, x, schedule, args.pred).item() * len(x)
             n += len(x)
     return total / n
@@ -333,7 +325,7 @@ def generate(model, schedule, args, n, device):
     """Samples in batches of --sample-batch with the flags' sampler settings; returns (images, seconds per image)."""
     start, images = time.perf_counter(), []
     for i, b in enumerate(range(0, n, args.sample_batch)):
-        with autocast(args, device):
+        with common.autocast(args.amp, device):
             images.append(sample(model, schedule, min(args.sample_batch, n - b), args.image_size, args.in_channels,
                                  seed=args.seed + i, **sampler_settings(args)).float().cpu())
     return torch.cat(images), (time.perf_counter() - start) / n
@@ -372,7 +364,7 @@ def train(args):
             group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
         x, _ = next(batches)
         x = x.to(device, memory_format=torch.channels_last)
-        with autocast(args, device):
+        with common.autocast(args.amp, device):
             l = loss(model, x, schedule, args.pred)
         common.check_finite(l, step)
         opt.zero_grad(set_to_none=True)

@@ -53,7 +53,7 @@ def train_step_time(model, opt, schedule, x, amp, steps):
         if i == 2:
             synchronize(x.device)
             start = time.perf_counter()
-        with ddpm.autocast(argparse.Namespace(amp=amp), x.device):
+        with common.autocast(amp, x.device):
             loss = ddpm.loss(model, x, schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()

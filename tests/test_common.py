@@ -339,6 +339,18 @@ def test_total_steps_and_device():
         common.get_device("cdua")
 
 
+def test_autocast_flag():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    cpu = torch.device("cpu")
+    with common.autocast("off", cpu):
+        assert (a @ b).dtype == torch.float32
+    with common.autocast("bf16", cpu):
+        assert (a @ b).dtype == torch.bfloat16
+    with common.autocast("auto", cpu):          # bf16 exactly where the CPU has native bf16
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert (a @ b).dtype == (torch.bfloat16 if native else torch.float32)
+
+
 def test_restart_without_resume_starts_metrics_afresh(tmp_path):
     run = common.Run("toy", make_args(out=str(tmp_path), name="killed"))
     run.log(1, "train", loss=1.0)                                    # killed before its first checkpoint
