@@ -10,6 +10,7 @@ Nothing here is a model a script is meant to teach. It holds what every script w
   * `frechet_distance` and `SampleQuality`: the Frechet distance between real and generated images in the
     features of Inception-v3 (the standard FID) or of a small reference classifier trained on the dataset
     (works offline; it also judges conditional samples: is a sample drawn for class y classified as y?).
+  * `psnr` and `ssim`: restoration quality against the ground truth, over whole images or a region.
 
 Command line:
     python common.py table runs/ddpm                   # Markdown table: differing flags against final metrics
@@ -639,11 +640,13 @@ class Run:
         return path
 
     def plot_losses(self, key="loss", filename="loss.png"):
-        """Train (raw and smoothed), validation and test `key` against optimiser steps."""
+        """Train (raw and smoothed), validation and test `key` against optimiser steps; nothing if none logged."""
+        records = [r for r in self.metrics() if key in r]
+        if not records:
+            return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        records = [r for r in self.metrics() if key in r]
         fig, ax = plt.subplots(figsize=(6, 4))
         train = [(r["step"], r[key]) for r in records if r["split"] == "train"]
         if train:
@@ -659,10 +662,9 @@ class Run:
             if points:
                 ax.plot(*zip(*points), style, label=split, markersize=8 if split == "test" else 4)
         ax.set(xlabel="optimiser step", ylabel=key, title=f"{self.dir.parent.name}/{self.dir.name}")
-        if records and all(r[key] > 0 for r in records):
+        if all(r[key] > 0 for r in records):
             ax.set_yscale("log")
-        if records:
-            ax.legend()
+        ax.legend()
         fig.tight_layout()
         fig.savefig(self.dir / filename, dpi=100)
         plt.close(fig)
@@ -894,6 +896,57 @@ class SampleQuality:
     def describe(self, n_generated):
         return (f"Frechet distance in {self.metric} features, {n_generated} samples against "
                 f"{self.n_real} {self.split} images")
+
+
+# ----------------------------------------------------------------------------- restoration quality: PSNR and SSIM
+#
+# Both compare an output x with the ground truth y on the images' true range: images come in [-1, 1] and are
+# mapped to [0, 1] first, so that the peak signal is 1 and the numbers mean what they mean in the literature.
+# With a `region` mask (N, 1, H, W) of 1s, only those pixels count (for inpainting: the pixels it filled in).
+
+def _unit_range(x):
+    return (x.float() + 1) / 2
+
+
+def _region_mean(values, region):
+    """Mean over channels and pixels per image (N,), or over the pixels where region == 1 only."""
+    if region is None:
+        return values.mean((1, 2, 3))
+    region = region.expand_as(values).float()
+    return (values * region).sum((1, 2, 3)) / region.sum((1, 2, 3)).clamp(min=1)
+
+
+def psnr(x, y, region=None):
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(1 / MSE) with images in [0, 1] (peak 1)."""
+    mse = _region_mean((_unit_range(x) - _unit_range(y)) ** 2, region)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+SSIM_SIGMA, SSIM_WINDOW = 1.5, 11           # Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2     # (K1 L)^2 and (K2 L)^2 with K1 = 0.01, K2 = 0.03 and range L = 1
+
+
+def ssim(x, y, region=None):
+    """Structural similarity per image (Wang, Bovik, Sheikh & Simoncelli 2004), averaged over channels:
+
+        SSIM(p) = (2 mu_x mu_y + C1) (2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1) (sigma_x^2 + sigma_y^2 + C2))
+
+    where mu, sigma^2 and sigma_xy are local means, variances and the covariance around pixel p, weighted by
+    a Gaussian window. It is 1 only where x and y agree in local brightness, contrast and structure. Unlike
+    the paper's 'valid' windows, the images are padded by reflection so every pixel gets a value (16px
+    images would keep only 6x6 of them, and a region mask needs the whole map); the score is the map's mean,
+    over the region if one is given."""
+    x, y = _unit_range(x), _unit_range(y)
+    c = x.shape[1]
+    r = SSIM_WINDOW // 2
+    g = torch.exp(-(torch.arange(SSIM_WINDOW, dtype=torch.float32, device=x.device) - r) ** 2 / (2 * SSIM_SIGMA ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, -1, -1)       # one 2-D window per channel
+    local = lambda z: F.conv2d(F.pad(z, (r, r, r, r), mode="reflect"), window, groups=c)
+    mu_x, mu_y = local(x), local(y)
+    var_x, var_y, cov = local(x * x) - mu_x ** 2, local(y * y) - mu_y ** 2, local(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
+                / ((mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2)))
+    return _region_mean(ssim_map, region)
 
 
 # ----------------------------------------------------------------------------- hyperparameter table

@@ -248,6 +248,26 @@ def timestep_sequence(timesteps, sample_steps, spacing="uniform"):
     return ts.flip(0)
 
 
+def reverse_step(model, schedule, x, t, s, noise, *, sampler="ddim", eta=0.0, variance="beta_tilde", pred="eps",
+                 clip=True):
+    """x_s from x_t for kept steps t > s (s = -1: the clean image), with the noise z given; see sample()."""
+    ab = schedule.alpha_bar[t]
+    ab_s = schedule.alpha_bar[s] if s >= 0 else torch.ones((), device=x.device)
+    t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+    x0, eps = predict_x0_eps(model(x, t_batch).float(), x, ab, pred, clip)
+    beta = 1 - ab / ab_s
+    beta_tilde = (1 - ab_s) / (1 - ab) * beta
+    if sampler == "ddim":
+        sigma2 = eta ** 2 * beta_tilde
+        mean = ab_s.sqrt() * x0 + (1 - ab_s - sigma2).clamp(min=0).sqrt() * eps
+    elif sampler == "ddpm":
+        sigma2 = beta_tilde if variance == "beta_tilde" else beta
+        mean = ab_s.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab) * x
+    else:
+        common.fail(f"unknown --sampler {sampler!r}; choose ddpm or ddim")
+    return mean + sigma2.sqrt() * noise
+
+
 @torch.no_grad()
 def sample(model, schedule, n, image_size, channels=3, *, sampler="ddim", sample_steps=50, eta=0.0,
            spacing="uniform", variance="beta_tilde", pred="eps", clip=True, seed=0, keep_every=0):
@@ -268,22 +288,9 @@ def sample(model, schedule, n, image_size, channels=3, *, sampler="ddim", sample
     trajectory = [(ts[0], x.cpu())]
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1          # the next kept step; -1: the clean image x_0
-        ab = schedule.alpha_bar[t]
-        ab_s = schedule.alpha_bar[s] if s >= 0 else torch.ones((), device=device)
-        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        x0, eps = predict_x0_eps(model(x, t_batch).float(), x, ab, pred, clip)
-        beta = 1 - ab / ab_s
-        beta_tilde = (1 - ab_s) / (1 - ab) * beta
-        if sampler == "ddim":
-            sigma2 = eta ** 2 * beta_tilde
-            mean = ab_s.sqrt() * x0 + (1 - ab_s - sigma2).clamp(min=0).sqrt() * eps
-        elif sampler == "ddpm":
-            sigma2 = beta_tilde if variance == "beta_tilde" else beta
-            mean = ab_s.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab) * x
-        else:
-            common.fail(f"unknown --sampler {sampler!r}; choose ddpm or ddim")
         noise = torch.randn(x.shape, generator=g, device=device) if s >= 0 else 0   # Algorithm 2: z = 0 at t = 1
-        x = mean + sigma2.sqrt() * noise
+        x = reverse_step(model, schedule, x, t, s, noise, sampler=sampler, eta=eta, variance=variance, pred=pred,
+                         clip=clip)
         if keep_every and ((i + 1) % keep_every == 0 or s < 0):
             trajectory.append((s, x.cpu()))
     x = x.clamp(-1, 1)

@@ -1,0 +1,180 @@
+"""inpaint.py: masks, the conditioned chain on a model whose answer is known, RePaint's path, Deep Image Prior,
+PSNR and SSIM, determinism and the command line."""
+import json
+
+import pytest
+import torch
+
+import common
+import ddpm
+import inpaint
+from test_ddpm import PointOracle    # the exact eps-model of data that is one image x*
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return ddpm.UNet(image_size=8, in_channels=3, channels=16, channel_mult=(1, 2), blocks=1, attn_res=(4,),
+                     heads=2).eval()
+
+
+def images(n=4, size=8, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("kind, fraction, hidden", [("right-half", 0.3, 0.5), ("left-half", 0.5, 0.5),
+                                                    ("top-half", 0.5, 0.5), ("center", 0.25, 0.25),
+                                                    ("box", 0.25, 0.25), ("random-pixels", 0.3, 77 / 256),
+                                                    ("stripes", 0.5, 0.5), ("stripes", 0.25, 0.25)])
+def test_masks_hide_the_stated_share(kind, fraction, hidden):
+    known = inpaint.make_mask(kind, 6, 16, fraction, stripe_width=2, seed=0)
+    assert known.shape == (6, 1, 16, 16) and set(known.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(1 - known.mean((1, 2, 3)), torch.full((6,), hidden))
+
+
+def test_which_half_is_hidden_and_boxes_move():
+    right = inpaint.make_mask("right-half", 1, 16)[0, 0]
+    assert right[:, :8].all() and not right[:, 8:].any()                # the right half is filled in
+    assert not inpaint.make_mask("top-half", 1, 16)[0, 0, :8].any()
+    boxes = inpaint.make_mask("box", 8, 16, 0.25, seed=1)
+    assert len({tuple(b.flatten().tolist()) for b in boxes}) > 1          # a random place per image
+    assert torch.equal(boxes, inpaint.make_mask("box", 8, 16, 0.25, seed=1))
+    with pytest.raises(SystemExit, match="unknown --masks entry 'ring'"):
+        inpaint.make_mask("ring", 1, 16)
+    with pytest.raises(SystemExit, match="--fraction must be between 0 and 1"):
+        inpaint.make_mask("center", 1, 16, fraction=1.5)
+
+
+def test_resampling_path():
+    assert inpaint.resampling_path(6, 2, 1) == [0, 1, 2, 3, 4, 5]         # r = 1: straight down (replace)
+    path = inpaint.resampling_path(6, 2, 3)
+    assert path == [0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 4, 5]
+    moves = [b - a for a, b in zip(path, path[1:])]
+    assert set(moves) == {1, -2}                                          # down one kept step, or up j of them
+    assert path[-1] == 5 and 5 not in path[:-1]                           # x_0 is reached once, at the end
+    with pytest.raises(SystemExit, match="--jump and --resample must be at least 1"):
+        inpaint.resampling_path(6, 0, 2)
+
+
+@pytest.mark.parametrize("resample, start", [(1, 1.0), (3, 1.0), (1, 0.4), (3, 0.4)])
+def test_chain_with_an_exact_model_recovers_the_image(resample, start):
+    """With data that is one image x*, p(x_unobs | x_obs) puts all its mass on x*: replace, RePaint's jumps and
+    a start from a (wrong) guess must all end at x*, and the observed pixels are pasted exactly."""
+    s = ddpm.Schedule(timesteps=1000)
+    target = images(1)
+    oracle = PointOracle(target, s)
+    known = inpaint.make_mask("right-half", 3, 8)
+    guess = torch.zeros(3, 3, 8, 8) if start < 1 else None
+    out = inpaint.diffusion_inpaint(oracle, s, target.expand(3, -1, -1, -1), known, sample_steps=20, jump=4,
+                                    resample=resample, start=start, init=guess, seed=0)
+    assert torch.allclose(out, target.expand_as(out), atol=1e-4)
+
+
+@pytest.mark.parametrize("resample", [1, 3])
+def test_every_visited_state_has_the_forward_marginal(resample):
+    """With an exact model of one-image data x*, every state of the chain (reverse steps, the observed pixels'
+    fresh noise, RePaint's jumps up) must be distributed as q(x_t | x*) = N(sqrt(ab_t) x*, (1 - ab_t) I) in
+    the observed and the hidden pixels alike. Noising the observed pixels to the step just left instead of
+    the step reached, or a jump that adds too little noise, fails this."""
+    s = ddpm.Schedule(timesteps=1000)
+    target = images(1, 4)
+    known = inpaint.make_mask("right-half", 4000, 4)
+    _, visited = inpaint.diffusion_inpaint(PointOracle(target, s), s, target.expand(4000, -1, -1, -1), known,
+                                           sample_steps=10, jump=3, resample=resample, seed=0, keep_path=True)
+    assert len(visited) == len(inpaint.resampling_path(11, 3, resample))
+    for t, xt in visited[:-1]:
+        ab = s.alpha_bar[t]
+        z = (xt.mean(0) - ab.sqrt() * target[0]) / ((1 - ab) / len(xt)).sqrt()   # in standard errors
+        for region in (known[0, 0].bool(), ~known[0, 0].bool()):
+            assert z[:, region].abs().max() < 4.5, t
+            assert abs(xt.var(0)[:, region].mean() / (1 - ab) - 1) < 0.04, t
+
+
+def test_observed_pixels_are_exact_hidden_ones_never_read_and_a_full_mask_returns_the_input():
+    model, s = tiny_model(), ddpm.Schedule(timesteps=50)
+    x = images()
+    known = inpaint.make_mask("random-pixels", 4, 8, 0.5)
+    other = torch.where(known.bool(), x, images(seed=1))                  # same observation, other hidden pixels
+    for method, fn in [("repaint", lambda y, m: inpaint.diffusion_inpaint(model, s, y, m, sample_steps=10,
+                                                                          jump=2, resample=2, seed=3)),
+                       ("dip", lambda y, m: inpaint.dip_inpaint(y, m, iters=5, seed=3))]:
+        out = fn(x, known)
+        assert torch.equal(out * known, x * known), method
+        assert torch.equal(out, fn(other, known)), method                  # nothing leaks from the hidden pixels
+        assert torch.equal(fn(x, torch.ones_like(known)), x), method
+
+
+def test_deterministic_under_a_seed():
+    model, s = tiny_model(), ddpm.Schedule(timesteps=50)
+    x, known = images(), inpaint.make_mask("center", 4, 8, 0.25)
+    chain = lambda seed: inpaint.diffusion_inpaint(model, s, x, known, sample_steps=10, jump=2, resample=2,
+                                                   seed=seed)
+    assert torch.equal(chain(0), chain(0)) and not torch.equal(chain(0), chain(1))
+    dip = lambda seed: inpaint.dip_inpaint(x, known, iters=5, seed=seed)
+    assert torch.equal(dip(0), dip(0)) and not torch.equal(dip(0), dip(1))
+
+
+def test_dip_networks_are_independent_per_image_and_fit_what_they_see():
+    x, known = images(2, 16), inpaint.make_mask("center", 2, 16, 0.25)
+    changed = x.clone()
+    changed[1] = images(1, 16, seed=5)[0]
+    a = inpaint.dip_inpaint(x, known, iters=20, seed=0)
+    b = inpaint.dip_inpaint(changed, known, iters=20, seed=0)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and not torch.allclose(a[1], b[1])
+    smooth = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(1, 3, 16, 16)
+    _, curve = inpaint.dip_inpaint(smooth, known[:1], iters=200, seed=0, truth=smooth)
+    fitted = [c[1] for c in curve]
+    assert fitted[-1] < 0.1 * fitted[0]                                   # the observed pixels are fitted
+
+
+def test_psnr_and_ssim():
+    x = images(3, 16)
+    assert torch.allclose(common.psnr(x, x + 0.2), torch.full((3,), 20.0), atol=1e-4)   # 0.1 on [0, 1]: 20 dB
+    assert torch.allclose(common.ssim(x, x), torch.ones(3), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    noisy = [common.ssim(x, (x + sd * torch.randn(x.shape, generator=g)).clamp(-1, 1)).mean().item()
+             for sd in (0.05, 0.2, 0.5)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2]
+    region = inpaint.make_mask("right-half", 3, 16)
+    y = torch.where(region.bool(), x, -x)                                # wrong only where region == 0
+    assert torch.allclose(common.psnr(y, x, region), torch.full((3,), 100.0))   # capped: MSE 0
+    right, whole, wrong = common.ssim(y, x, region), common.ssim(y, x), common.ssim(y, x, 1 - region)
+    assert (right > whole).all() and (whole > wrong).all()
+
+
+TINY_DDPM = ["--image-size", "8", "--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn-res", "4",
+             "--heads", "2", "--split-sizes", "64,16,16", "--timesteps", "20", "--sample-steps", "5",
+             "--batch-size", "8", "--fid-samples", "0", "--steps", "2"]
+
+
+def test_cli_writes_the_table_figures_and_final(tmp_path):
+    ddpm.main(TINY_DDPM + ["--out", str(tmp_path), "--name", "m"])
+    ckpt = str(tmp_path / "ddpm" / "m" / "ckpt.pt")
+    inpaint.main(["--ckpt", ckpt, "--num-images", "4", "--masks", "right-half,stripes", "--sample-steps", "6",
+                  "--jump", "2", "--resample", "2", "--dip-iters", "20", "--hybrid-dip-iters", "10",
+                  "--out", str(tmp_path), "--name", "i"])
+    run = tmp_path / "inpaint" / "i"
+    final = json.loads((run / "final.json").read_text())
+    assert set(final["results"]) == {"right-half", "stripes"}
+    assert set(final["results"]["stripes"]) == set(inpaint.METHODS)
+    scores = final["results"]["stripes"]["dip"]
+    assert {"psnr", "psnr_hidden", "ssim", "ssim_hidden", "seconds_per_image"} <= set(scores)
+    for f in ("samples.png", "repaint_chain.png", "inpaint_right-half.png", "inpaint_stripes.png", "dip_curve.png",
+              "quality_vs_time.png", "results.md", "args.json"):
+        assert (run / f).exists(), f
+    assert not (run / "loss.png").exists()                                # nothing is trained here but DIP
+    with pytest.raises(SystemExit, match="does not exist"):
+        inpaint.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a checkpoint of ddpm.py"):
+        inpaint.main(["--ckpt", str(tmp_path / "inpaint" / "i" / "results.md"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        inpaint.main(["--masks", "ring"])
+
+
+def test_without_a_checkpoint_the_default_ddpm_is_trained_first(tmp_path, monkeypatch):
+    train_ddpm, calls = ddpm.main, []
+    monkeypatch.setattr(ddpm, "main", lambda argv: calls.append(argv) or train_ddpm(TINY_DDPM + argv))  # tiny model
+    inpaint.main(["--num-images", "2", "--masks", "right-half", "--methods", "replace", "--sample-steps", "4",
+                  "--out", str(tmp_path), "--name", "i"])
+    assert len(calls) == 1 and (tmp_path / "ddpm" / "default" / "ckpt.pt").exists()
+    final = json.loads((tmp_path / "inpaint" / "i" / "final.json").read_text())
+    assert final["ddpm_checkpoint"] == str(tmp_path / "ddpm" / "default" / "ckpt.pt")
