@@ -908,7 +908,7 @@ def _unit_range(x):
     return (x.float() + 1) / 2
 
 
-def _region_mean(values, region):
+def region_mean(values, region=None):
     """Mean over channels and pixels per image (N,), or over the pixels where region == 1 only."""
     if region is None:
         return values.mean((1, 2, 3))
@@ -917,8 +917,9 @@ def _region_mean(values, region):
 
 
 def psnr(x, y, region=None):
-    """Peak signal-to-noise ratio per image, in dB: 10 log10(1 / MSE) with images in [0, 1] (peak 1)."""
-    mse = _region_mean((_unit_range(x) - _unit_range(y)) ** 2, region)
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(1 / MSE) with images in [0, 1] (peak 1); identical
+    images (MSE 0) get 100 dB."""
+    mse = region_mean((_unit_range(x) - _unit_range(y)) ** 2, region)
     return 10 * torch.log10(1 / mse.clamp(min=1e-10))
 
 
@@ -932,21 +933,25 @@ def ssim(x, y, region=None):
         SSIM(p) = (2 mu_x mu_y + C1) (2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1) (sigma_x^2 + sigma_y^2 + C2))
 
     where mu, sigma^2 and sigma_xy are local means, variances and the covariance around pixel p, weighted by
-    a Gaussian window. It is 1 only where x and y agree in local brightness, contrast and structure. Unlike
-    the paper's 'valid' windows, the images are padded by reflection so every pixel gets a value (16px
-    images would keep only 6x6 of them, and a region mask needs the whole map); the score is the map's mean,
-    over the region if one is given."""
+    a Gaussian window w. It is 1 only where x and y agree in local brightness, contrast and structure. Unlike
+    the paper's 'valid' windows, the images are padded by replication so every pixel gets a value (16px
+    images would keep only 6x6 of them). The score is the map's mean. With a region r (1 = counts), both the
+    statistics and the mean use only the region's pixels: the window weights become w r / sum(w r), so an
+    inpainted region is judged on its own pixels, not on the exact observed ones its windows overlap."""
     x, y = _unit_range(x), _unit_range(y)
-    c = x.shape[1]
-    r = SSIM_WINDOW // 2
+    c, r = x.shape[1], SSIM_WINDOW // 2
     g = torch.exp(-(torch.arange(SSIM_WINDOW, dtype=torch.float32, device=x.device) - r) ** 2 / (2 * SSIM_SIGMA ** 2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, -1, -1)       # one 2-D window per channel
-    local = lambda z: F.conv2d(F.pad(z, (r, r, r, r), mode="reflect"), window, groups=c)
+    blur = lambda z: F.conv2d(F.pad(z, (r, r, r, r), mode="replicate"), window, groups=c)
+    weight = torch.ones_like(x[:, :1]) if region is None else region.float().expand_as(x[:, :1])
+    weight = weight.expand_as(x)
+    norm = blur(weight).clamp(min=1e-8)
+    local = lambda z: blur(z * weight) / norm                   # weighted local mean over the region's pixels
     mu_x, mu_y = local(x), local(y)
     var_x, var_y, cov = local(x * x) - mu_x ** 2, local(y * y) - mu_y ** 2, local(x * y) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
                 / ((mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2)))
-    return _region_mean(ssim_map, region)
+    return region_mean(ssim_map, region)
 
 
 # ----------------------------------------------------------------------------- hyperparameter table

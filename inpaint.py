@@ -44,7 +44,7 @@ knows nothing of the data (no corners, no shape classes); the diffusion model kn
 pure noise, spends most of its steps (and RePaint's resamplings) agreeing with the observation. So:
     1. DIP for `--hybrid-dip-iters` steps (50, against 300 for dip alone: only the colours and the coarse
        layout are wanted, and DIP gets those first),
-    2. noise its composite m * x + (1 - m) * f(z) to the last kept step at or below `--hybrid-start` * T
+    2. noise its composite m * x + (1 - m) * f(z) to the last kept step at or below `--hybrid-start` * (T - 1)
        (0.4), as SDEdit does: at that noise level the layout survives and DIP's missing detail does not,
     3. run RePaint's chain (`--hybrid-resample` passes; 1 is replace) from there.
 Only the kept steps below the start are run, so the chain costs 0.4 of RePaint's with the same passes: the DIP
@@ -78,7 +78,7 @@ METHODS = ("replace", "repaint", "dip", "dip+ddpm")
 DIP_INPUT_CHANNELS = 32     # channels of the fixed noise image z (Ulyanov et al.: 32)
 DIP_INPUT_SCALE = 0.1       # z ~ U(0, 0.1) (Ulyanov et al.)
 DIP_SKIP = 4                # channels of each skip connection (Ulyanov et al.'s inpainting nets: 4)
-DIP_CHANNELS = (32, 64, 64, 128, 128)   # per level, as many levels as keep the deepest at 2x2 or more
+DIP_CHANNELS = (32, 64, 64, 128, 128)   # per level; levels: log2(size) - 1 of them, so 16px and 32px end at 2x2
 DIP_CURVE_EVERY = 10        # DIP iterations between the points of dip_curve.png
 
 
@@ -86,11 +86,13 @@ DIP_CURVE_EVERY = 10        # DIP iterations between the points of dip_curve.png
 
 def make_mask(kind, n, size, fraction=0.5, stripe_width=2, seed=0):
     """(n, 1, size, size) with 1 = observed, 0 = to fill in. The halves hide half the image; `fraction` is the
-    hidden share for the others: center and box hide a square of that area (box at a random place per
-    image), random-pixels that share of the pixels (exactly, per image), stripes horizontal bands of
-    stripe_width rows spaced so that the share of hidden rows is fraction."""
+    hidden share for the others, as closely as whole pixels allow: center and box hide a square of that area
+    (box at a random place per image), random-pixels that share of the pixels (exactly, per image), stripes
+    horizontal bands of stripe_width rows, one every round(stripe_width / fraction) rows."""
     if not 0 < fraction < 1:
         common.fail(f"--fraction must be between 0 and 1 (the share of pixels to fill in), got {fraction}")
+    if kind == "stripes" and stripe_width < 1:
+        common.fail(f"--stripe-width must be at least 1, got {stripe_width}")
     g = torch.Generator().manual_seed(seed)
     known = torch.ones(n, 1, size, size)
     half = size // 2
@@ -111,7 +113,9 @@ def make_mask(kind, n, size, fraction=0.5, stripe_width=2, seed=0):
         for i in range(n):
             known[i].view(-1)[torch.randperm(size * size, generator=g)[:hidden]] = 0
     elif kind == "stripes":
-        period = max(stripe_width + 1, round(stripe_width / fraction))
+        period = round(stripe_width / fraction)
+        if period <= stripe_width:
+            common.fail(f"--fraction {fraction} with --stripe-width {stripe_width} would hide every row")
         known[..., torch.arange(size) % period < stripe_width, :] = 0
     else:
         common.fail(f"unknown --masks entry {kind!r}; choose from {', '.join(MASKS)}")
@@ -122,11 +126,12 @@ def make_mask(kind, n, size, fraction=0.5, stripe_width=2, seed=0):
 
 def resampling_path(levels, jump, resample):
     """The positions 0..levels-1 along the kept steps that the chain visits (0: the noisiest, levels-1: x_0).
-    A step to k+1 is a reverse step; a step back to k-jump is RePaint's jump up. At every jump-th position
-    before the end the chain jumps back resample-1 times (Lugmayr et al., Alg. 1 and Sec. 4.2)."""
+    A step to k+1 is a reverse step; a step back to k-jump is RePaint's jump up. At every jump-th position,
+    counted back from the last one before x_0 (as RePaint's schedule counts from t = 0), the chain jumps back
+    resample-1 times (Lugmayr et al., Sec. 4.2 and their code's get_schedule_jump)."""
     if jump < 1 or resample < 1:
         common.fail(f"--jump and --resample must be at least 1, got {jump} and {resample}")
-    remaining = {k: resample - 1 for k in range(jump, levels - 1, jump)}
+    remaining = {k: resample - 1 for k in range(levels - 2, jump - 1, -jump)}
     path, k = [0], 0
     while k < levels - 1:
         k += 1
@@ -144,9 +149,11 @@ def diffusion_inpaint(model, schedule, observed, known, *, sample_steps=50, jump
     """Fill the pixels where known == 0 by the replace chain (resample = 1) or RePaint's (resample > 1).
 
     observed holds the image where known == 1 (what it holds elsewhere is never read). The chain runs over the
-    kept steps of ddpm.timestep_sequence at or below start * (T - 1); it starts from pure noise, or, with
-    init (a full guess), from q(x_t | x_0 = m * observed + (1 - m) * init) at its first kept step.
+    kept steps of ddpm.timestep_sequence at or below start * (T - 1); with start = 1 it starts from pure noise,
+    below that from q(x_t | x_0 = m * observed + (1 - m) * init) at its first kept step, init a full guess.
     keep_path=True also returns every state the chain visits, as pairs (t, x_t), t = -1 for the output."""
+    if start < 1 and init is None:
+        common.fail("a chain that starts below T needs a guess to noise (init); pure noise belongs to t = T")
     device = observed.device
     g = torch.Generator(device=device).manual_seed(seed)
     noise = lambda: torch.randn(observed.shape, generator=g, device=device)
@@ -260,16 +267,12 @@ def dip_inpaint(observed, known, *, iters=300, lr=0.01, input_noise=1 / 30, seed
             opt.step()
             if truth is not None and (it + 1) % DIP_CURVE_EVERY == 0:
                 err = (out.detach() - truth) ** 2
-                curve.append((it + 1, _masked_mean(err, known), _masked_mean(err, 1 - known)))
+                curve.append((it + 1, common.region_mean(err, known).mean().item(),
+                              common.region_mean(err, 1 - known).mean().item()))
         with torch.no_grad():
             fill = net(z)
     result = observed + (1 - known) * fill
     return (result, curve) if truth is not None else result
-
-
-def _masked_mean(values, region):
-    region = region.expand_as(values)
-    return ((values * region).sum() / region.sum().clamp(min=1)).item()
 
 
 # ----------------------------------------------------------------------------- methods and evaluation
@@ -307,7 +310,7 @@ def evaluate(model, schedule, images, args, run):
     for kind in args.masks:
         known = make_mask(kind, len(images), images.shape[-1], args.fraction, args.stripe_width, args.seed)
         known = known.to(images.device)
-        observed = images * known                            # the unobserved pixels never reach a method
+        observed = images * known          # the hidden pixels never reach a method (dip's error curve aside)
         rows, results[kind] = [observed], {}
         for method in args.methods:
             start = time.perf_counter()
@@ -321,7 +324,7 @@ def evaluate(model, schedule, images, args, run):
             print(f"{kind:>13} {method:>9}: PSNR {results[kind][method]['psnr_hidden']:5.2f} dB, "
                   f"SSIM {results[kind][method]['ssim_hidden']:.3f} on the hidden pixels, {seconds:.3f} s/image")
         comparison_figure(run.dir / f"inpaint_{kind}.png", rows + [images], ["observed", *args.methods, "truth"])
-    if curves:
+    if any(curves.values()):                   # --dip-iters under DIP_CURVE_EVERY leaves no points
         dip_curve_figure(run.dir / "dip_curve.png", curves)
     return results
 
@@ -345,7 +348,7 @@ def comparison_figure(path, rows, labels, columns=8):
 
 def chain_figure(path, model, schedule, image, args, frames=12):
     """RePaint's path for one image and the first mask: t against the move number (each jump a step back up),
-    and the last `frames` states below t = T/3 at even intervals, where the image takes shape."""
+    and `frames` states evenly spaced over those below t = T/3, where the image takes shape."""
     known = make_mask(args.masks[0], 1, image.shape[-1], args.fraction, args.stripe_width, args.seed).to(image.device)
     _, visited = diffusion_inpaint(model, schedule, image * known, known, sample_steps=args.sample_steps,
                                    jump=args.jump, resample=args.resample, pred=args.pred, clip=args.clip,
@@ -489,6 +492,12 @@ def get_args(argv=None):
             p.error(f"unknown --methods entry {method!r}; choose from {', '.join(METHODS)}")
     if not 0 < args.hybrid_start <= 1:
         p.error(f"--hybrid-start must be in (0, 1], got {args.hybrid_start}")
+    for flag in ("num_images", "sample_steps", "jump", "resample", "dip_iters", "hybrid_dip_iters",
+                 "hybrid_resample", "stripe_width"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 < args.fraction < 1:
+        p.error(f"--fraction must be between 0 and 1 (the share of pixels to fill in), got {args.fraction}")
     return args
 
 
@@ -497,7 +506,7 @@ def main(argv=None):
     print(vars(args))
     device = common.get_device(args.device)
     model, schedule, model_args = load_ddpm(args, device)
-    args.pred, args.resume = model_args.pred, False
+    args.pred, args.resume = model_args.pred, False           # common.Run asks; nothing here resumes
     run = common.Run("inpaint", args)
     images = test_images(model_args, args.num_images).to(device)
     samples = ddpm.sample(model, schedule, 64, model_args.image_size, model_args.in_channels, seed=args.seed,

@@ -51,36 +51,60 @@ def test_resampling_path():
     moves = [b - a for a, b in zip(path, path[1:])]
     assert set(moves) == {1, -2}                                          # down one kept step, or up j of them
     assert path[-1] == 5 and 5 not in path[:-1]                           # x_0 is reached once, at the end
+    # jump points are counted back from the last step before x_0, as RePaint's schedule counts from t = 0
+    assert inpaint.resampling_path(7, 2, 2) == [0, 1, 2, 3, 1, 2, 3, 4, 5, 3, 4, 5, 6]
     with pytest.raises(SystemExit, match="--jump and --resample must be at least 1"):
         inpaint.resampling_path(6, 0, 2)
 
 
-@pytest.mark.parametrize("resample, start", [(1, 1.0), (3, 1.0), (1, 0.4), (3, 0.4)])
-def test_chain_with_an_exact_model_recovers_the_image(resample, start):
-    """With data that is one image x*, p(x_unobs | x_obs) puts all its mass on x*: replace, RePaint's jumps and
-    a start from a (wrong) guess must all end at x*, and the observed pixels are pasted exactly."""
+class TwoPointOracle(torch.nn.Module):
+    """The exact eps-model of data that is image a or image b, each with probability 1/2: E[x_0 | x_t] weighs a and
+    b by their likelihoods N(x_t; sqrt(ab_t) x_i, (1 - ab_t) I)."""
+
+    def __init__(self, a, b, schedule):
+        super().__init__()
+        self.targets, self.schedule = torch.nn.Parameter(torch.cat([a, b])), schedule
+
+    def forward(self, x, t):
+        ab = self.schedule.alpha_bar[t].view(-1, 1, 1, 1)
+        dist2 = ((x[:, None] - ab.sqrt()[:, None] * self.targets[None]) ** 2).flatten(2).sum(2)     # (B, 2)
+        w = torch.softmax(-dist2 / (2 * (1 - ab.view(-1, 1))), dim=1)
+        x0 = (w[:, :, None, None, None] * self.targets[None]).sum(1)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("resample, start", [(1, 1.0), (3, 1.0), (3, 0.4)])
+def test_the_observed_half_decides_the_hidden_half(resample, start):
+    """Data is image a or image b, which differ in both halves. Given a's left half, p(x_unobs | x_obs) is a's
+    right half: the chain must (nearly) always draw it, where an unconditioned chain would draw b half the
+    time. With start < 1 the chain starts from a wrong guess (b) noised to 0.4 T and must still reach a."""
     s = ddpm.Schedule(timesteps=1000)
-    target = images(1)
-    oracle = PointOracle(target, s)
-    known = inpaint.make_mask("right-half", 3, 8)
-    guess = torch.zeros(3, 3, 8, 8) if start < 1 else None
-    out = inpaint.diffusion_inpaint(oracle, s, target.expand(3, -1, -1, -1), known, sample_steps=20, jump=4,
-                                    resample=resample, start=start, init=guess, seed=0)
-    assert torch.allclose(out, target.expand_as(out), atol=1e-4)
+    a = torch.linspace(-0.7, 0.7, 48).view(1, 3, 4, 4)
+    b = -a.flip(-1)
+    n = 200
+    known = inpaint.make_mask("right-half", n, 4)
+    out = inpaint.diffusion_inpaint(TwoPointOracle(a, b, s), s, a.expand(n, -1, -1, -1), known, sample_steps=20,
+                                    jump=4, resample=resample, start=start,
+                                    init=b.expand(n, -1, -1, -1) if start < 1 else None, seed=0)
+    hidden = ~known[0, 0].bool()
+    near_a = ((out - a)[..., hidden].abs().amax((1, 2)) < 0.05).float().mean()
+    assert near_a > 0.95
 
 
-@pytest.mark.parametrize("resample", [1, 3])
-def test_every_visited_state_has_the_forward_marginal(resample):
+@pytest.mark.parametrize("resample, start", [(1, 1.0), (3, 1.0), (3, 0.4)])
+def test_every_visited_state_has_the_forward_marginal(resample, start):
     """With an exact model of one-image data x*, every state of the chain (reverse steps, the observed pixels'
     fresh noise, RePaint's jumps up) must be distributed as q(x_t | x*) = N(sqrt(ab_t) x*, (1 - ab_t) I) in
     the observed and the hidden pixels alike. Noising the observed pixels to the step just left instead of
-    the step reached, or a jump that adds too little noise, fails this."""
+    the step reached, a jump that adds too little noise, or a start from an un-noised guess fails this."""
     s = ddpm.Schedule(timesteps=1000)
     target = images(1, 4)
     known = inpaint.make_mask("right-half", 4000, 4)
     _, visited = inpaint.diffusion_inpaint(PointOracle(target, s), s, target.expand(4000, -1, -1, -1), known,
-                                           sample_steps=10, jump=3, resample=resample, seed=0, keep_path=True)
-    assert len(visited) == len(inpaint.resampling_path(11, 3, resample))
+                                           sample_steps=10, jump=3, resample=resample, start=start,
+                                           init=target.expand(4000, -1, -1, -1), seed=0, keep_path=True)
+    levels = 11 if start == 1 else 5                                      # kept steps 999, 888, ..., 0; x_0
+    assert len(visited) == len(inpaint.resampling_path(levels, 3, resample))
     for t, xt in visited[:-1]:
         ab = s.alpha_bar[t]
         z = (xt.mean(0) - ab.sqrt() * target[0]) / ((1 - ab) / len(xt)).sqrt()   # in standard errors
@@ -101,6 +125,12 @@ def test_observed_pixels_are_exact_hidden_ones_never_read_and_a_full_mask_return
         assert torch.equal(out * known, x * known), method
         assert torch.equal(out, fn(other, known)), method                  # nothing leaks from the hidden pixels
         assert torch.equal(fn(x, torch.ones_like(known)), x), method
+
+
+def test_a_chain_started_below_T_needs_a_guess():
+    s = ddpm.Schedule(timesteps=50)
+    with pytest.raises(SystemExit, match="needs a guess"):
+        inpaint.diffusion_inpaint(tiny_model(), s, images(), inpaint.make_mask("center", 4, 8), start=0.5)
 
 
 def test_deterministic_under_a_seed():
@@ -134,11 +164,18 @@ def test_psnr_and_ssim():
     noisy = [common.ssim(x, (x + sd * torch.randn(x.shape, generator=g)).clamp(-1, 1)).mean().item()
              for sd in (0.05, 0.2, 0.5)]
     assert 1 > noisy[0] > noisy[1] > noisy[2]
+    # constant dark images: SSIM = (2 a b + C1) / (a^2 + b^2 + C1) on [0, 1], which pins C1 and the formula
+    for ua, ub in ((0.01, 0.02), (0.6, 0.85)):
+        a, b = torch.full((1, 3, 16, 16), 2 * ua - 1), torch.full((1, 3, 16, 16), 2 * ub - 1)
+        closed = (2 * ua * ub + common.SSIM_C1) / (ua ** 2 + ub ** 2 + common.SSIM_C1)
+        assert abs(common.ssim(a, b).item() - closed) < 1e-3, (ua, ub)
     region = inpaint.make_mask("right-half", 3, 16)
     y = torch.where(region.bool(), x, -x)                                # wrong only where region == 0
     assert torch.allclose(common.psnr(y, x, region), torch.full((3,), 100.0))   # capped: MSE 0
-    right, whole, wrong = common.ssim(y, x, region), common.ssim(y, x), common.ssim(y, x, 1 - region)
-    assert (right > whole).all() and (whole > wrong).all()
+    assert torch.allclose(common.ssim(y, x, region), torch.ones(3), atol=1e-5)  # judged on the region alone
+    assert (common.ssim(y, x, 1 - region) < common.ssim(y, x)).all()
+    noise_fill = torch.where(region.bool(), x, images(3, 16, seed=7))    # hidden half: unrelated noise
+    assert common.ssim(noise_fill, x, 1 - region).abs().max() < 0.1       # no credit from the observed half
 
 
 TINY_DDPM = ["--image-size", "8", "--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn-res", "4",
@@ -146,7 +183,7 @@ TINY_DDPM = ["--image-size", "8", "--channels", "16", "--channel-mult", "1,2", "
              "--batch-size", "8", "--fid-samples", "0", "--steps", "2"]
 
 
-def test_cli_writes_the_table_figures_and_final(tmp_path):
+def test_cli_writes_the_table_figures_and_final(tmp_path, capsys):
     ddpm.main(TINY_DDPM + ["--out", str(tmp_path), "--name", "m"])
     ckpt = str(tmp_path / "ddpm" / "m" / "ckpt.pt")
     inpaint.main(["--ckpt", ckpt, "--num-images", "4", "--masks", "right-half,stripes", "--sample-steps", "6",
@@ -166,8 +203,12 @@ def test_cli_writes_the_table_figures_and_final(tmp_path):
         inpaint.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a checkpoint of ddpm.py"):
         inpaint.main(["--ckpt", str(tmp_path / "inpaint" / "i" / "results.md"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        inpaint.main(["--masks", "ring"])
+    for flags, message in ((["--masks", "ring"], "unknown --masks entry 'ring'"),
+                           (["--dip-iters", "0"], "--dip-iters must be at least 1"),
+                           (["--fraction", "1"], "--fraction must be between 0 and 1")):
+        with pytest.raises(SystemExit):
+            inpaint.main(flags)
+        assert message in capsys.readouterr().err
 
 
 def test_without_a_checkpoint_the_default_ddpm_is_trained_first(tmp_path, monkeypatch):
