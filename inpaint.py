@@ -342,7 +342,7 @@ def comparison_figure(path, rows, labels, columns=8):
             spine.set_visible(False)
         ax.set_ylabel(label, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")           # keeps the long row labels whole
     plt.close(fig)
 
 
