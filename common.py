@@ -943,8 +943,7 @@ def ssim(x, y, region=None):
     g = torch.exp(-(torch.arange(SSIM_WINDOW, dtype=torch.float32, device=x.device) - r) ** 2 / (2 * SSIM_SIGMA ** 2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, -1, -1)       # one 2-D window per channel
     blur = lambda z: F.conv2d(F.pad(z, (r, r, r, r), mode="replicate"), window, groups=c)
-    weight = torch.ones_like(x[:, :1]) if region is None else region.float().expand_as(x[:, :1])
-    weight = weight.expand_as(x)
+    weight = torch.ones_like(x) if region is None else region.float().expand_as(x)
     norm = blur(weight).clamp(min=1e-8)
     local = lambda z: blur(z * weight) / norm                   # weighted local mean over the region's pixels
     mu_x, mu_y = local(x), local(y)
