@@ -652,11 +652,7 @@ class Run:
         if train:
             steps, values = zip(*train)
             ax.plot(steps, values, color="C0", alpha=0.25, lw=0.8)
-            smooth, avg = [], values[0]
-            for v in values:
-                avg = 0.98 * avg + 0.02 * v         # exponential moving average for a readable curve
-                smooth.append(avg)
-            ax.plot(steps, smooth, color="C0", label="train (EMA 0.98)")
+            ax.plot(steps, smooth(values), color="C0", label="train (EMA 0.98)")
         for split, style in (("val", "o-"), ("test", "*")):
             points = [(r["step"], r[key]) for r in records if r["split"] == split]
             if points:
@@ -665,6 +661,36 @@ class Run:
         if all(r[key] > 0 for r in records):
             ax.set_yscale("log")
         ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / filename, dpi=100)
+        plt.close(fig)
+
+    def plot_panels(self, panels, filename, log_scale=()):
+        """Side-by-side panels {title: metric keys} against optimiser steps: per-step train series raw and smoothed
+        (EMA 0.98), sparser ones (logged at fewer than a tenth of the steps) as lines, validation values as dots."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        records = self.metrics()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+        every_step = sum(r["split"] == "train" for r in records)
+        for ax, (title, keys) in zip(axes[0], panels.items()):
+            for i, key in enumerate(keys):
+                train = [(r["step"], r[key]) for r in records if r["split"] == "train" and key in r]
+                val = [(r["step"], r[key]) for r in records if r["split"] == "val" and key in r]
+                if train:
+                    steps, values = zip(*train)
+                    if len(train) > every_step / 10:
+                        ax.plot(steps, values, color=f"C{i}", alpha=0.2, lw=0.6)
+                        values = smooth(values)
+                    ax.plot(steps, values, color=f"C{i}", label=key)
+                if val:
+                    ax.plot(*zip(*val), "o", color=f"C{i}", markersize=4, label=f"{key} (validation)")
+            if title in log_scale:
+                ax.set_yscale("log")
+            ax.set(title=title, xlabel="optimiser step")
+            if ax.lines:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(self.dir / filename, dpi=100)
         plt.close(fig)
@@ -679,6 +705,15 @@ class Run:
         print(json.dumps(final, indent=2))
         print(f"{filename} written to {self.dir}")
         return final
+
+
+def smooth(values, decay=0.98):
+    """Exponential moving average of a noisy per-step series, for a readable curve."""
+    out, avg = [], values[0]
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
 
 
 @contextlib.contextmanager
@@ -861,6 +896,9 @@ class InceptionFeatures(nn.Module):
         return self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
 
 
+DIVERSITY_IMAGES = 1000   # images whose pairwise feature distances measure a batch's diversity
+
+
 class SampleQuality:
     """Frechet distance of generated images to a real split, in `metric` features ("classifier" or "inception"),
     and conditional accuracy for class-conditional samples. Real statistics are computed once."""
@@ -876,8 +914,12 @@ class SampleQuality:
             real.append(self.embed(x))
             if sum(len(r) for r in real) >= max_real:
                 break
-        self.real_stats = gaussian_stats(torch.cat(real)[:max_real])
-        self.n_real = min(max_real, sum(len(r) for r in real))
+        real = torch.cat(real)[:max_real]
+        self.real_stats = gaussian_stats(real)
+        self.n_real = len(real)
+        # a fixed random subset, since a folder's images may come sorted by class
+        subset = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:DIVERSITY_IMAGES]
+        self.real_spread = torch.pdist(real[subset].float()).mean().item()
 
     @torch.no_grad()
     def embed(self, images, batch_size=250):
@@ -886,6 +928,11 @@ class SampleQuality:
     def frechet(self, images):
         """Frechet distance of images (N, C, H, W) in [-1, 1] to the real split; needs N well above 1."""
         return frechet_distance(*gaussian_stats(self.embed(images)), *self.real_stats)
+
+    def diversity(self, images):
+        """Mean pairwise feature distance of the first DIVERSITY_IMAGES images, as a share of the real split's:
+        1 is as varied as the data, near 0 a collapsed generator."""
+        return torch.pdist(self.embed(images[:DIVERSITY_IMAGES]).float()).mean().item() / self.real_spread
 
     @torch.no_grad()
     def conditional_accuracy(self, images, labels):
