@@ -58,8 +58,8 @@ from tqdm import tqdm
 
 import common
 
-MODEL_FLAGS = ("image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm", "cond", "cond_dim", "g_cond",
-               "d_cond", "num_classes")
+MODEL_FLAGS = ("dataset", "image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm", "cond", "cond_dim",
+               "g_cond", "d_cond", "num_classes")
 LOSSES = ("minimax", "nonsat", "hinge", "ls")
 INIT_STD = 0.02         # DCGAN: every weight drawn from N(0, 0.02^2)
 LEAKY_SLOPE = 0.2       # DCGAN's LeakyReLU slope in D

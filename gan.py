@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 import common
 
-MODEL_FLAGS = ("image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm")
+MODEL_FLAGS = ("dataset", "image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm")
 LOSSES = ("minimax", "nonsat", "hinge", "ls")
 INIT_STD = 0.02         # DCGAN: every weight drawn from N(0, 0.02^2)
 LEAKY_SLOPE = 0.2       # DCGAN's LeakyReLU slope in D

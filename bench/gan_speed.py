@@ -29,7 +29,7 @@ VARIANTS = {    # name: (script, extra flags, channels_last)
     "gan bf16 autocast + channels_last": (gan, ["--amp", "bf16"], True),
     "gan fp32, spectral norm in D": (gan, ["--spectral-norm"], False),
     "gan fp32, R1 penalty (double backward)": (gan, ["--r1", "1"], False),
-    "cgan fp32, cbn G + projection D": (cgan, [], False),
+    "cgan fp32, cbn G + projection D": (cgan, ["--d-cond", "projection"], False),
     "cgan fp32, cbn G + acgan D": (cgan, ["--d-cond", "acgan"], False),
 }
 

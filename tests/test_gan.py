@@ -247,8 +247,12 @@ def test_discriminator_alone_separates_and_generator_alone_fools_a_frozen_d():
         stats = gan.d_step(G, D, opt_d, x, args, 0.0)
     assert stats["d_acc"].item() == 1.0 and stats["loss_d"].item() < 0.1
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    frozen = copy.deepcopy(D.state_dict())
     losses = [gan.g_step(G, D, opt_g, len(x), args, 0.0, x.device)["loss_g"].item() for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
+    weights = [k for k, _ in D.named_parameters()]                 # G's steps leave D's weights as they were
+    assert all(torch.equal(frozen[k], D.state_dict()[k]) for k in weights)
+    assert all(p.requires_grad for p in D.parameters())
 
 
 def test_balance_monitor_warns_when_d_wins_and_when_diversity_collapses(capsys):
