@@ -414,7 +414,7 @@ def evaluate_d(G, D, loader, args, device, num_classes, max_batches=20):
             break
         x, c = x.to(device), one_hot(y, num_classes).to(device)
         z = torch.randn(len(x), G.latent_dim, generator=g, device=device)
-        (l_real, k_real), (l_fake, k_fake) = D(x, c), D(G(z, c), c)
+        (l_real, k_real), (l_fake, _) = D(x, c), D(G(z, c), c)
         stats = dict(loss_d=d_loss(l_real, l_fake, args.loss), loss_g=g_loss(l_fake, args.loss),
                      d_real=d_output(l_real, args.loss).mean(), d_fake=d_output(l_fake, args.loss).mean())
         if k_real is not None:
