@@ -639,6 +639,28 @@ class Run:
                                      value_range=(-1, 1), pad_value=1.0)
         return path
 
+    def save_labelled_grid(self, rows, filename, row_labels, column_labels, title=""):
+        """A grid with one row per tensor (n, C, H, W) in [-1, 1], rows and columns labelled; returns its path."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        n = len(rows[0])
+        grid = torchvision.utils.make_grid(torch.cat(rows).float().cpu(), nrow=n, normalize=True, value_range=(-1, 1),
+                                           pad_value=1.0)
+        labels_width = 0.055 * max(len(label) for label in row_labels) + 0.2      # inches at fontsize 7
+        width, height = labels_width + 0.6 * n + 0.2, 0.6 * len(rows) + 0.9
+        fig = plt.figure(figsize=(width, height))
+        ax = fig.add_axes((labels_width / width, 0.45 / height, 0.6 * n / width, 0.6 * len(rows) / height))
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_yticks([grid.shape[1] / len(rows) * (i + 0.5) for i in range(len(rows))], row_labels, fontsize=7)
+        ax.set_xticks([grid.shape[2] / n * (i + 0.5) for i in range(n)], column_labels, fontsize=7)
+        ax.tick_params(length=0)
+        ax.set_title(title, fontsize=8)
+        path = self.dir / filename
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     def plot_losses(self, key="loss", filename="loss.png"):
         """Train (raw and smoothed), validation and test `key` against optimiser steps; nothing if none logged."""
         records = [r for r in self.metrics() if key in r]
@@ -834,6 +856,29 @@ def train_classifier(data, steps, device, lr=2e-3, seed=0, flip=True):
     return model.eval()
 
 
+def linear_probe(train_features, train_labels, test_features, test_labels, weight_decay=1e-4, max_iter=500):
+    """Test accuracy of a multinomial logistic regression fitted to frozen features: how linearly decodable the
+    labels are from them. Features are standardised with the training set's statistics; the fit is full-batch
+    L-BFGS from zero weights, so the result is deterministic."""
+    mean, std = train_features.float().mean(0), train_features.float().std(0).clamp(min=1e-6)
+    x, x_test = (train_features.float() - mean) / std, (test_features.float() - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_labels) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():          # callers may sit inside torch.no_grad()
+        opt.step(closure)
+    with torch.no_grad():
+        return ((x_test @ w + b).argmax(1) == test_labels).float().mean().item()
+
+
 def _dataset_key(args):
     key = f"{args.dataset}-{args.image_size}px"
     if args.dataset in ("folder", "list"):
@@ -935,10 +980,13 @@ class SampleQuality:
         return torch.pdist(self.embed(images[:DIVERSITY_IMAGES]).float()).mean().item() / self.real_spread
 
     @torch.no_grad()
+    def predict(self, images):
+        """The reference classifier's labels for images (N, C, H, W) in [-1, 1]."""
+        return torch.cat([self.classifier(b.to(self.device)).argmax(1).cpu() for b in images.split(250)])
+
     def conditional_accuracy(self, images, labels):
         """Share of images drawn for class y that the reference classifier labels y."""
-        logits = torch.cat([self.classifier(b.to(self.device)).cpu() for b in images.split(250)])
-        return (logits.argmax(1) == labels.cpu()).float().mean().item()
+        return (self.predict(images) == labels.cpu()).float().mean().item()
 
     def describe(self, n_generated):
         return (f"Frechet distance in {self.metric} features, {n_generated} samples against "

@@ -425,3 +425,19 @@ def test_inception_offline_error(monkeypatch):
     monkeypatch.setattr(torchvision.models, "inception_v3", offline)
     with pytest.raises(SystemExit, match="--metric classifier"):
         common.InceptionFeatures()
+
+
+def test_linear_probe_reads_linear_structure_only():
+    """Classes that differ along one direction of 8-d features are found; labels independent of the features sit
+    at chance; a class coded by a feature's magnitude, not its sign (not linearly separable), is missed."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(4000, 8, generator=g)
+    labels = torch.randint(0, 4, (4000,), generator=g)
+    separable = features + 6 * torch.nn.functional.one_hot(labels, 8).float()
+    assert common.linear_probe(separable[:2000], labels[:2000], separable[2000:], labels[2000:]) > 0.97
+    assert common.linear_probe(features[:2000], labels[:2000], features[2000:], labels[2000:]) < 0.32
+    by_magnitude = (features[:, 0].abs() > 0.67).long()                          # about half each
+    assert common.linear_probe(features[:2000], by_magnitude[:2000], features[2000:], by_magnitude[2000:]) < 0.6
+    with torch.no_grad():                                                     # fits inside no_grad too
+        assert common.linear_probe(features[:100], labels[:100], features[100:200], labels[100:200]) == \
+            common.linear_probe(features[:100], labels[:100], features[100:200], labels[100:200])
