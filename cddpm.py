@@ -431,9 +431,7 @@ def figures(run, ema, schedule, data, args, device, suffix):
     for name, vector in unseen_conditions(k, args.seed).items():
         images, _ = generate(ema, schedule, args, vector.expand(args.unseen_samples, -1), device)
         grid.append(images[:8])
-        with torch.no_grad():
-            labels = torch.cat([quality.classifier(x.to(device)).argmax(1).cpu() for x in images.split(250)])
-        shares = torch.bincount(labels, minlength=k).float() / len(labels)
+        shares = torch.bincount(quality.predict(images), minlength=k).float() / len(images)
         unseen[name] = {data.classes[i]: round(shares[i].item(), 3) for i in shares.argsort(descending=True)[:3]}
         print(f"unseen condition {name}: classified as {unseen[name]}")
     run.save_grid(torch.cat(grid), f"unseen_conditions{suffix}.png", nrow=8)

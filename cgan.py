@@ -260,33 +260,6 @@ def with_noise(x, sigma):
 
 # ----------------------------------------------------------------------------- conditions and sampling
 
-def one_hot(y, num_classes):
-    """Labels (B,) -> condition vectors (B, K)."""
-    return F.one_hot(y, num_classes).float()
-
-
-def interpolate(a, b, alphas, num_classes):
-    """Condition vectors (1 - alpha) e_a + alpha e_b for each alpha: (len(alphas), K)."""
-    ea, eb = one_hot(torch.tensor([a, b]), num_classes)
-    return torch.stack([(1 - alpha) * ea + alpha * eb for alpha in alphas])
-
-
-def unseen_conditions(num_classes, seed=0):
-    """Named condition vectors never seen in training: their rows are what the figure and final.json show."""
-    e = one_hot(torch.arange(num_classes), num_classes)
-    g = torch.Generator().manual_seed(seed)
-    mixes = {"mix of classes 0 and 1": e[:2].mean(0)}
-    if num_classes >= 3:
-        mixes["mix of classes 0, 1, 2"] = e[:3].mean(0)
-    return {
-        **mixes,
-        "2 x class 0": 2 * e[0],
-        "0.5 x class 0": 0.5 * e[0],
-        "zero vector": torch.zeros(num_classes),
-        "random N(0, 1/K)": torch.randn(num_classes, generator=g) / math.sqrt(num_classes),
-    }
-
-
 def latents(n, latent_dim, seed, device="cpu"):
     """z ~ N(0, I) from a generator seeded with `seed`: the same seed gives the same latents."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -294,7 +267,7 @@ def latents(n, latent_dim, seed, device="cpu"):
 
 def class_grid_conditions(num_classes, per_class=8):
     """One row per class: labels 0,0,...,0,1,1,... as condition vectors."""
-    return one_hot(torch.arange(num_classes).repeat_interleave(per_class), num_classes)
+    return common.one_hot(torch.arange(num_classes).repeat_interleave(per_class), num_classes)
 
 
 @torch.no_grad()
@@ -412,7 +385,7 @@ def evaluate_d(G, D, loader, args, device, num_classes, max_batches=20):
     for b, (x, y) in enumerate(loader):
         if b == max_batches:
             break
-        x, c = x.to(device), one_hot(y, num_classes).to(device)
+        x, c = x.to(device), common.one_hot(y, num_classes).to(device)
         z = torch.randn(len(x), G.latent_dim, generator=g, device=device)
         (l_real, k_real), (l_fake, _) = D(x, c), D(G(z, c), c)
         stats = dict(loss_d=d_loss(l_real, l_fake, args.loss), loss_g=g_loss(l_fake, args.loss),
@@ -486,7 +459,7 @@ def train(args):
         sigma = args.instance_noise * max(0.0, 1 - step / steps)       # annealed linearly to 0
         for _ in range(args.d_steps):                                    # (1) update D: maximise V over D
             x, y = next(batches)
-            c = one_hot(y, data.num_classes).to(device)
+            c = common.one_hot(y, data.num_classes).to(device)
             d_stats = d_step(G, D, opt_d, x.to(device), c, args, sigma)
         g_stats = g_step(G, D, opt_g, c, args, sigma)                    # (2) update G, for the last batch's labels
         update_ema(ema, G, min(args.ema, (1 + step) / (10 + step)))      # ramped up as in ddpm.py
@@ -524,22 +497,20 @@ def figures(run, ema, data, args, device, quality, suffix):
     k = data.num_classes
     # one row per class; column j uses the same z in every row
     z_seed = args.seed + 1
-    rows = [generate(ema, one_hot(torch.full((8,), y), k), z_seed, device) for y in range(k)]
+    rows = [generate(ema, common.one_hot(torch.full((8,), y), k), z_seed, device) for y in range(k)]
     run.save_grid(torch.cat(rows), f"samples{suffix}.png", nrow=8)
     # (1 - alpha) e_a + alpha e_b with z fixed along each row
     a, b = args.interpolate
     alphas = torch.linspace(0, 1, 9).tolist()
-    rows = [generate(ema, interpolate(a, b, alphas, k), args.seed + 2 + r, device, shared_latents=True)
+    rows = [generate(ema, common.interpolate(a, b, alphas, k), args.seed + 2 + r, device, shared_latents=True)
             for r in range(4)]
     run.save_grid(torch.cat(rows), f"interpolation{suffix}.png", nrow=len(alphas))
     # unseen condition vectors: a row each (columns share z across rows), and the classifier's verdict on them
     unseen, grid = {}, []
-    for name, vector in unseen_conditions(k, args.seed).items():
+    for name, vector in common.unseen_conditions(k, args.seed).items():
         images = generate(ema, vector.expand(args.unseen_samples, -1), z_seed, device)
         grid.append(images[:8])
-        with torch.no_grad():
-            labels = torch.cat([quality.classifier(x.to(device)).argmax(1).cpu() for x in images.split(250)])
-        shares = torch.bincount(labels, minlength=k).float() / len(labels)
+        shares = torch.bincount(quality.predict(images), minlength=k).float() / len(images)
         unseen[name] = {data.classes[i]: round(shares[i].item(), 3) for i in shares.argsort(descending=True)[:3]}
         print(f"unseen condition {name}: classified as {unseen[name]}")
     run.save_grid(torch.cat(grid), f"unseen_conditions{suffix}.png", nrow=8)
@@ -563,7 +534,7 @@ def report(run, ema, G, D, data, parameters, device, steps, args):
     if args.fid_samples:
         labels = torch.arange(args.fid_samples) % data.num_classes
         start = time.perf_counter()
-        samples = generate(ema, one_hot(labels, data.num_classes), args.seed, device)
+        samples = generate(ema, common.one_hot(labels, data.num_classes), args.seed, device)
         metrics["seconds_per_image"] = (time.perf_counter() - start) / args.fid_samples
         metrics["frechet_distance"] = quality.frechet(samples)
         metrics["conditional_accuracy"] = quality.conditional_accuracy(samples, labels)

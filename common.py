@@ -993,6 +993,37 @@ class SampleQuality:
                 f"{self.n_real} {self.split} images")
 
 
+# ----------------------------------------------------------------------------- condition vectors of class-conditional models
+#
+# A label y among K classes is the one-hot vector e_y; any other vector in R^K is a condition the model never saw.
+
+def one_hot(y, num_classes):
+    """Labels (B,) -> condition vectors (B, K)."""
+    return F.one_hot(y, num_classes).float()
+
+
+def interpolate(a, b, alphas, num_classes):
+    """Condition vectors (1 - alpha) e_a + alpha e_b for each alpha: (len(alphas), K)."""
+    ea, eb = one_hot(torch.tensor([a, b]), num_classes)
+    return torch.stack([(1 - alpha) * ea + alpha * eb for alpha in alphas])
+
+
+def unseen_conditions(num_classes, seed=0):
+    """Named condition vectors never seen in training: their rows are what the figures and final.json show."""
+    e = one_hot(torch.arange(num_classes), num_classes)
+    g = torch.Generator().manual_seed(seed)
+    mixes = {"mix of classes 0 and 1": e[:2].mean(0)}
+    if num_classes >= 3:
+        mixes["mix of classes 0, 1, 2"] = e[:3].mean(0)
+    return {
+        **mixes,
+        "2 x class 0": 2 * e[0],
+        "0.5 x class 0": 0.5 * e[0],
+        "zero vector": torch.zeros(num_classes),
+        "random N(0, 1/K)": torch.randn(num_classes, generator=g) / math.sqrt(num_classes),
+    }
+
+
 # ----------------------------------------------------------------------------- restoration quality: PSNR and SSIM
 #
 # Both compare an output x with the ground truth y on the images' true range: images come in [-1, 1] and are

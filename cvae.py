@@ -6,15 +6,15 @@ Models" (the CVAE); Kingma et al. 2014, "Semi-Supervised Learning with Deep Gene
 2014; Higgins et al. 2017; Burgess et al. 2018), the same networks and objective as there.
 
     python cvae.py                              # embedded shapes, 32px (README: time and results)
-    python cvae.py --cond embedding             # a learned label embedding instead of the one-hot vector
+    python cvae.py --cond onehot                # the one-hot vector itself instead of a learned embedding
     python cvae.py --sample-only --name <run>   # figures and metrics again from a run's checkpoint
 
 Condition. A label y among K classes is the one-hot vector v = e_y in R^K. Any other v is a condition the model
 never saw in training: a mix (1 - a) e_y + a e_y', a scaled 2 e_y, the zero vector. `--cond` turns v into the
 vector c that both networks receive:
-    onehot:     c = v (K numbers);
     embedding:  c = E^T v, a learned table E of K rows of --cond-dim numbers (for v = e_y the row E[y]); linear in
-                v, so a mix of labels gives the same mix of their embeddings.
+                v, so a mix of labels gives the same mix of their embeddings (the default);
+    onehot:     c = v (K numbers).
 The encoder q_phi(z | x, c) = N(mu_phi(x, c), diag sigma_phi^2(x, c)) gets c beside its convolutional features, the
 decoder p_theta(x | z, c) gets [z, c] as its input; the prior stays p(z) = N(0, I) for every class.
 
@@ -129,7 +129,7 @@ class Decoder(nn.Module):
 
 
 class CVAE(nn.Module):
-    def __init__(self, num_classes, image_size=32, latent_dim=10, channels=32, hidden=256, cond="onehot",
+    def __init__(self, num_classes, image_size=32, latent_dim=10, channels=32, hidden=256, cond="embedding",
                  cond_dim=16, image_channels=3):
         super().__init__()
         self.cond = ConditionEncoder(num_classes, cond_dim, cond)
@@ -148,33 +148,6 @@ class CVAE(nn.Module):
         c = self.cond(v)
         mu, logvar = self.encoder(x, c)
         return self.decoder(reparameterise(mu, logvar, generator), c), mu, logvar
-
-
-def one_hot(y, num_classes):
-    """Labels (B,) -> condition vectors (B, K)."""
-    return F.one_hot(y, num_classes).float()
-
-
-def interpolate(a, b, alphas, num_classes):
-    """Condition vectors (1 - alpha) e_a + alpha e_b for each alpha: (len(alphas), K)."""
-    ea, eb = one_hot(torch.tensor([a, b]), num_classes)
-    return torch.stack([(1 - alpha) * ea + alpha * eb for alpha in alphas])
-
-
-def unseen_conditions(num_classes, seed=0):
-    """Named condition vectors never seen in training: their rows are what the figure and final.json show."""
-    e = one_hot(torch.arange(num_classes), num_classes)
-    g = torch.Generator().manual_seed(seed)
-    mixes = {"mix of classes 0 and 1": e[:2].mean(0)}
-    if num_classes >= 3:
-        mixes["mix of classes 0, 1, 2"] = e[:3].mean(0)
-    return {
-        **mixes,
-        "2 x class 0": 2 * e[0],
-        "0.5 x class 0": 0.5 * e[0],
-        "zero vector": torch.zeros(num_classes),
-        "random N(0, 1/K)": torch.randn(num_classes, generator=g) / math.sqrt(num_classes),
-    }
 
 
 # ----------------------------------------------------------------------------- objective
@@ -257,7 +230,7 @@ def evaluate(model, loader, args, device):
     g = torch.Generator(device).manual_seed(0)      # the same eps at every evaluation: a smooth curve
     totals, n = {"recon": 0.0, "kl": 0.0}, 0
     for x, y in loader:
-        x, v = x.to(device), one_hot(y, model.num_classes).to(device)
+        x, v = x.to(device), common.one_hot(y, model.num_classes).to(device)
         with common.autocast(args.amp, device):
             out, mu, logvar = model(x, v, g)
         totals["recon"] += reconstruction_nll(out, x, args.recon, args.sigma).sum().item()
@@ -295,7 +268,7 @@ def train(args):
     for step in bar:
         model.train()
         x, y = next(batches)
-        x, v = x.to(device), one_hot(y, data.num_classes).to(device)
+        x, v = x.to(device), common.one_hot(y, data.num_classes).to(device)
         with common.autocast(args.amp, device):
             out, mu, logvar = model(x, v)
         recon = reconstruction_nll(out, x, args.recon, args.sigma)
@@ -344,7 +317,7 @@ def encode_dataset(model, loader, device):
     model.eval()
     mus, labels = [], []
     for x, y in loader:
-        mus.append(model.encode(x.to(device), one_hot(y, model.num_classes).to(device))[0].float().cpu())
+        mus.append(model.encode(x.to(device), common.one_hot(y, model.num_classes).to(device))[0].float().cpu())
         labels.append(y)
     return torch.cat(mus), torch.cat(labels)
 
@@ -355,20 +328,20 @@ def figures(run, model, data, args, device, quality, suffix):
     k, names = data.num_classes, data.classes
     columns = [str(i) for i in range(FIGURE_COLUMNS)]
     # one row per class; column j uses the same z in every row
-    rows = [sample(model, one_hot(torch.full((FIGURE_COLUMNS,), y), k), args.seed + 1, args.recon, device)
+    rows = [sample(model, common.one_hot(torch.full((FIGURE_COLUMNS,), y), k), args.seed + 1, args.recon, device)
             for y in range(k)]
     run.save_grid(torch.cat(rows), f"samples{suffix}.png", nrow=FIGURE_COLUMNS)
     # (1 - alpha) e_a + alpha e_b with z fixed along each row
     a, b = args.interpolate
     alphas = torch.linspace(0, 1, 9).tolist()
-    rows = [sample(model, interpolate(a, b, alphas, k), args.seed + 2 + r, args.recon, device, shared_latents=True)
+    rows = [sample(model, common.interpolate(a, b, alphas, k), args.seed + 2 + r, args.recon, device, shared_latents=True)
             for r in range(4)]
     run.save_labelled_grid(rows, f"interpolation{suffix}.png", [f"z{r}" for r in range(4)],
                            [f"{alpha:.2f}" for alpha in alphas],
                            f"condition (1 - alpha) e_{names[a]} + alpha e_{names[b]}, z fixed per row")
     # unseen condition vectors: a row each (columns share z across rows), and the classifier's verdict on them
     unseen, rows = {}, []
-    for name, vector in unseen_conditions(k, args.seed).items():
+    for name, vector in common.unseen_conditions(k, args.seed).items():
         images = sample(model, vector.expand(args.unseen_samples, -1), args.seed + 1, args.recon, device)
         rows.append(images[:FIGURE_COLUMNS])
         shares = torch.bincount(quality.predict(images), minlength=k).float() / len(images)
@@ -383,10 +356,10 @@ def figures(run, model, data, args, device, quality, suffix):
     picks = [int((y_all == y).nonzero()[0]) for y in range(k) if (y_all == y).any()]
     rows = []
     for i in picks:
-        x, v = x_all[i:i + 1].to(device), one_hot(y_all[i:i + 1], k).to(device)
+        x, v = x_all[i:i + 1].to(device), common.one_hot(y_all[i:i + 1], k).to(device)
         with torch.no_grad():
             mu, _ = model.encode(x, v)
-        rows.append(torch.cat([x.cpu(), decode(model, mu.expand(k, -1), one_hot(torch.arange(k), k), args.recon)]))
+        rows.append(torch.cat([x.cpu(), decode(model, mu.expand(k, -1), common.one_hot(torch.arange(k), k), args.recon)]))
     run.save_labelled_grid(rows, f"class_swap{suffix}.png", [names[int(y_all[i])] for i in picks],
                            ["input", *names], "z = mu(x, y) of the input, decoded with every class")
     return unseen
@@ -409,19 +382,19 @@ def report(run, model, data, parameters, device, steps, args):
     metrics["class_probe_accuracy"] = common.linear_probe(fit_mu, fit_labels, mu, labels)
     x = data.test.dataset[torch.arange(16) % len(data.test.dataset)]
     with torch.no_grad():
-        out, _, _ = model(x[0].to(device), one_hot(x[1], data.num_classes).to(device),
+        out, _, _ = model(x[0].to(device), common.one_hot(x[1], data.num_classes).to(device),
                           torch.Generator(device).manual_seed(args.seed))
     recon = mean_image(out, args.recon).cpu()
     run.save_grid(torch.cat([x[0][:8], recon[:8], x[0][8:], recon[8:]]), f"reconstructions{suffix}.png")
     quality = common.SampleQuality(args, data, device, metric=args.metric)
     metrics["unseen_conditions"] = figures(run, model, data, args, device, quality, suffix)
     start = time.perf_counter()
-    sample(model, one_hot(torch.arange(FIGURE_SAMPLES) % data.num_classes, data.num_classes), args.seed, args.recon,
+    sample(model, common.one_hot(torch.arange(FIGURE_SAMPLES) % data.num_classes, data.num_classes), args.seed, args.recon,
            device)
     metrics["seconds_per_image"] = (time.perf_counter() - start) / FIGURE_SAMPLES
     if args.fid_samples:
         labels = torch.arange(args.fid_samples) % data.num_classes
-        samples = sample(model, one_hot(labels, data.num_classes), args.seed, args.recon, device)
+        samples = sample(model, common.one_hot(labels, data.num_classes), args.seed, args.recon, device)
         metrics["frechet_distance"] = quality.frechet(samples)
         correct = quality.predict(samples) == labels
         metrics["conditional_accuracy"] = correct.float().mean().item()
@@ -442,7 +415,9 @@ def get_args(argv=None):
     g.add_argument("--latent-dim", type=int, default=10, help="dimension d of z (as vae.py)")
     g.add_argument("--channels", type=int, default=32, help="channels of the first conv layer, doubled per layer")
     g.add_argument("--hidden", type=int, default=256, help="width of the linear layers (Burgess et al.: 256)")
-    g.add_argument("--cond", default="onehot", help="condition vector c: onehot (v itself) or embedding (E^T v)")
+    g.add_argument("--cond", default="embedding",
+                   help="condition vector c: embedding (E^T v, default: the better conditional accuracy, README) or "
+                        "onehot (v itself)")
     g.add_argument("--cond-dim", type=int, default=16, help="--cond embedding: dimension of the label embedding")
     g = p.add_argument_group("objective")
     g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1: the conditional ELBO)")

@@ -504,9 +504,7 @@ SWEEP_PANELS = (("test_recon", "reconstruction (nats/image)"), ("test_kl", "KL (
                 ("frechet_distance", "Frechet distance of samples"))
 SWEEP_TABLE = ("test_recon", "test_kl", "active_units", "corr_offdiag_samples", "corr_offdiag_means",
                "gaussian_tc_samples", "mig", "class_probe_accuracy", "frechet_distance")
-
-
-SWEEP_FREE = {"name", "resume", "sweep_beta", "device", "num_workers", "out", "data_dir", "sample_only"}
+SWEEP_FREE = {"name", "resume", "sweep_beta", "device", "num_workers", "out", "sample_only"}   # may differ per run
 
 
 def check_sweep_run(directory, run_args):

@@ -73,7 +73,7 @@ def main(argv=None):
         opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
-        c = cgan.one_hot(torch.arange(args.batch_size, device=device) % K, K)
+        c = common.one_hot(torch.arange(args.batch_size, device=device) % K, K)
         setups[name] = (script, G, D, opt_g, opt_d, x, c, model_args)
         print(f"  {name}: G {common.count_parameters(G):,}, D {common.count_parameters(D):,} parameters")
     times = {name: [] for name in setups}

@@ -73,7 +73,7 @@ def main(argv=None):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1).to(
             memory_format=fmt)
-        v = cvae.one_hot(torch.arange(args.batch_size, device=device) % K, K)
+        v = common.one_hot(torch.arange(args.batch_size, device=device) % K, K)
         setups[name] = (script, model, opt, x, v, model_args)
         print(f"  {name}: {common.count_parameters(model):,} parameters")
     times = {name: [] for name in setups}

@@ -82,11 +82,11 @@ def test_ac_gan_cross_entropy_takes_logits_not_probabilities():
     """A softmax before the cross-entropy would bound the loss below by log(1 + (K-1)/e) > 0 (PITFALLS)."""
     logits = torch.zeros(1, K)
     logits[0, 3] = 30.0
-    c = cgan.one_hot(torch.tensor([3]), K)
+    c = common.one_hot(torch.tensor([3]), K)
     assert cgan.class_loss(logits, c).item() < 1e-6
     y = torch.randint(0, K, (6,))
     logits = torch.randn(6, K)
-    assert torch.allclose(cgan.class_loss(logits, cgan.one_hot(y, K)), F.cross_entropy(logits, y))
+    assert torch.allclose(cgan.class_loss(logits, common.one_hot(y, K)), F.cross_entropy(logits, y))
 
 
 @BOTH
@@ -94,7 +94,7 @@ def test_spectral_norm_keeps_the_top_singular_value_near_one(module):
     torch.manual_seed(0)
     kwargs = dict(num_classes=K) if module is cgan else {}
     D = module.Discriminator(image_size=16, channels=8, spectral_norm=True, **kwargs).train()
-    args = (torch.randn(16, 3, 16, 16),) + ((cgan.one_hot(torch.arange(16) % K, K),) if module is cgan else ())
+    args = (torch.randn(16, 3, 16, 16),) + ((common.one_hot(torch.arange(16) % K, K),) if module is cgan else ())
     with torch.no_grad():
         for _ in range(30):               # each training-mode forward runs one power iteration per layer
             D(*args)
@@ -117,7 +117,7 @@ def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm(module)
         return (logit, None) if module is cgan else logit
 
     x = torch.randn(5, 3, 4, 4)
-    penalty, *_ = module.r1_penalty(linear_d, x, cgan.one_hot(torch.zeros(5, dtype=torch.long), K)) \
+    penalty, *_ = module.r1_penalty(linear_d, x, common.one_hot(torch.zeros(5, dtype=torch.long), K)) \
         if module is cgan else module.r1_penalty(linear_d, x)
     assert penalty.item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
 
@@ -144,7 +144,7 @@ def test_projection_discriminator_is_linear_in_the_condition():
     torch.manual_seed(0)
     D = cgan.Discriminator(K, image_size=16, channels=8, d_cond="projection").eval()
     x = torch.randn(1, 3, 16, 16)
-    e = cgan.one_hot(torch.arange(K), K)
+    e = common.one_hot(torch.arange(K), K)
     with torch.no_grad():
         la, lb, lmix = (D(x, c[None])[0] for c in (e[2], e[5], 0.3 * e[2] + 0.7 * e[5]))
         pooled = D.features(x).sum(dim=(2, 3))[0]
@@ -161,7 +161,7 @@ def test_network_shapes_and_output_range(size):
     assert D(x).shape == (3,)
     Gc = cgan.Generator(K, size, latent_dim=10, channels=8, g_cond="concat")
     Dc = cgan.Discriminator(K, size, channels=8, d_cond="acgan")
-    logit, class_logits = Dc(Gc(torch.randn(3, 10), cgan.one_hot(torch.arange(3), K)), cgan.one_hot(torch.arange(3), K))
+    logit, class_logits = Dc(Gc(torch.randn(3, 10), common.one_hot(torch.arange(3), K)), common.one_hot(torch.arange(3), K))
     assert logit.shape == (3,) and class_logits.shape == (3, K)
 
 
@@ -196,11 +196,11 @@ def test_a_few_steps_move_the_samples_towards_the_data(module):
     G, D = module.build(args, 2, 3) if module is cgan else module.build(args, 3)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
-    c = cgan.one_hot(y, 2)
+    c = common.one_hot(y, 2)
 
     def mean_image_error():
         with torch.no_grad():
-            fake = G.eval()(torch.randn(256, 16), cgan.one_hot(torch.arange(256) % 2, 2)) if module is cgan \
+            fake = G.eval()(torch.randn(256, 16), common.one_hot(torch.arange(256) % 2, 2)) if module is cgan \
                 else G.eval()(torch.randn(256, 16))
         G.train()
         return (fake.mean(0) - x.mean(0)).abs().mean().item()
@@ -226,13 +226,13 @@ def test_the_condition_steers_the_generator_to_its_class(g_cond, d_cond):
     G, D = cgan.build(args, 2, 3)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
-    c = cgan.one_hot(y, 2)
+    c = common.one_hot(y, 2)
     for _ in range(200):
         cgan.d_step(G, D, opt_d, x, c, args, 0.0)
         cgan.g_step(G, D, opt_g, c, args, 0.0)
     z = torch.randn(64, 16)
     with torch.no_grad():
-        red_minus_blue = [(lambda im: (im[:, 0] - im[:, 2]).mean().item())(G.eval()(z, cgan.one_hot(
+        red_minus_blue = [(lambda im: (im[:, 0] - im[:, 2]).mean().item())(G.eval()(z, common.one_hot(
             torch.full((64,), label), 2))) for label in (0, 1)]
     assert red_minus_blue[0] > 0.3 and red_minus_blue[1] < -0.3
 
@@ -292,7 +292,7 @@ def cli(tmp_path, *extra):
 def test_sampling_is_deterministic_under_a_seed(module, tmp_path):
     run, ema, *_ = module.train(module.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2")))
     if module is cgan:
-        c = cgan.one_hot(torch.arange(6) % K, K)
+        c = common.one_hot(torch.arange(6) % K, K)
         a, again, other = (cgan.generate(ema, c, s, "cpu") for s in (1, 1, 2))
     else:
         a, again, other = (gan.generate(ema, 6, s, "cpu") for s in (1, 1, 2))
@@ -345,7 +345,7 @@ def test_checkpoint_round_trip(module, tmp_path):
     fresh, _ = module.build(saved_args, data.num_classes, 3) if module is cgan else module.build(saved_args, 3)
     untrained = copy.deepcopy(fresh)
     fresh.load_state_dict(state["ema"])
-    make = (lambda g: cgan.generate(g, cgan.one_hot(torch.arange(8) % K, K), 0, "cpu")) if module is cgan else \
+    make = (lambda g: cgan.generate(g, common.one_hot(torch.arange(8) % K, K), 0, "cpu")) if module is cgan else \
         (lambda g: gan.generate(g, 8, 0, "cpu"))
     assert torch.equal(make(ema), make(fresh)) and not torch.allclose(make(ema), make(untrained), atol=1e-3)
 
@@ -368,7 +368,7 @@ def test_bad_flags_fail_clearly(module, tmp_path):
 def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
     """D's class term with --acgan-on-fakes 1, minus that with 0, is exactly the cross-entropy of the fake batch."""
     x, y = tiny_data(16)
-    c = cgan.one_hot(y, 2)
+    c = common.one_hot(y, 2)
     losses = {}
     for on_fakes in (0, 1):
         torch.manual_seed(0)

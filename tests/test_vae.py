@@ -110,7 +110,7 @@ def fit(module, steps, **flags):
     torch.manual_seed(0)
     model = module.build(args, 2, 3) if module is cvae else module.build(args, 3)
     x, y = tiny_data()
-    inputs = (x, cvae.one_hot(y, 2)) if module is cvae else (x,)
+    inputs = (x, common.one_hot(y, 2)) if module is cvae else (x,)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def neg_elbo():
@@ -151,19 +151,19 @@ def test_cvae_decoder_follows_the_label(cond):
     prior samples decode to images (with the Gaussian's s = 0.1 that takes longer)."""
     model, args, _, _ = fit(cvae, 150, cond=cond, cond_dim=4, recon="bernoulli")
     z = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
-    red = cvae.decode(model, z, cvae.one_hot(torch.zeros(16, dtype=torch.long), 2), args.recon)
-    blue = cvae.decode(model, z, cvae.one_hot(torch.ones(16, dtype=torch.long), 2), args.recon)
+    red = cvae.decode(model, z, common.one_hot(torch.zeros(16, dtype=torch.long), 2), args.recon)
+    blue = cvae.decode(model, z, common.one_hot(torch.ones(16, dtype=torch.long), 2), args.recon)
     means = [red[:, 0].mean().item(), red[:, 2].mean().item(), blue[:, 0].mean().item(), blue[:, 2].mean().item()]
     assert means[0] > 0.3 > means[1] + 0.6 and means[3] > 0.3 > means[2] + 0.6, means
 
 
 def test_embedding_condition_is_linear_in_the_condition_vector():
     cond = cvae.ConditionEncoder(4, 6, "embedding")
-    e = cvae.one_hot(torch.arange(4), 4)
+    e = common.one_hot(torch.arange(4), 4)
     mix = 0.3 * e[0] + 0.7 * e[2]
     assert torch.allclose(cond(mix[None])[0], 0.3 * cond.table[0] + 0.7 * cond.table[2])
     assert torch.equal(cvae.ConditionEncoder(4, 6, "onehot")(mix[None])[0], mix)
-    assert torch.allclose(cvae.interpolate(1, 3, [0.0, 0.25, 1.0], 4)[1], torch.tensor([0.0, 0.75, 0.0, 0.25]))
+    assert torch.allclose(common.interpolate(1, 3, [0.0, 0.25, 1.0], 4)[1], torch.tensor([0.0, 0.75, 0.0, 0.25]))
 
 
 def test_correlation_of_means_is_spurious_where_sampled_codes_are_not():
@@ -231,7 +231,7 @@ def test_sampling_and_training_are_deterministic_under_a_seed(module, tmp_path):
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
     if module is cvae:
-        v = cvae.one_hot(torch.arange(6) % K, K)
+        v = common.one_hot(torch.arange(6) % K, K)
         a, again, other = (cvae.sample(model, v, s, "gaussian", "cpu") for s in (1, 1, 2))
     else:
         a, again, other = (vae.sample(model, 6, s, "gaussian", "cpu") for s in (1, 1, 2))
@@ -248,7 +248,7 @@ def test_checkpoint_round_trip(module, tmp_path):
     fresh = module.build(saved_args, data.num_classes, 3) if module is cvae else module.build(saved_args, 3)
     untrained = copy.deepcopy(fresh)
     fresh.load_state_dict(state["model"])
-    make = (lambda m: cvae.sample(m, cvae.one_hot(torch.arange(8) % K, K), 0, "gaussian", "cpu")) \
+    make = (lambda m: cvae.sample(m, common.one_hot(torch.arange(8) % K, K), 0, "gaussian", "cpu")) \
         if module is cvae else (lambda m: vae.sample(m, 8, 0, "gaussian", "cpu"))
     assert torch.equal(make(model), make(fresh)) and not torch.allclose(make(model), make(untrained), atol=1e-3)
 
@@ -342,6 +342,6 @@ def test_shapes_and_default_parameter_counts(cond):
         args.image_size = size
         model = module.build(args, 3) if cond is None else module.build(args, K, 3)
         x = torch.rand(5, 3, size, size) * 2 - 1
-        inputs = (x,) if cond is None else (x, cvae.one_hot(torch.arange(5), K))
+        inputs = (x,) if cond is None else (x, common.one_hot(torch.arange(5), K))
         out, mu, logvar = model(*inputs)
         assert out.shape == x.shape and mu.shape == logvar.shape == (5, 10)
