@@ -47,6 +47,18 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def seconds_per_call(fn, steps, device, warmup=2):
+    """Mean wall time of fn() over `steps` calls after `warmup` untimed ones (the other bench scripts use it)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def train_step_time(model, opt, schedule, x, amp, steps):
     start = None
     for i in range(steps + 2):                 # two warm-up steps (and, for compile, the compilation)

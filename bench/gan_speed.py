@@ -11,7 +11,6 @@ interleaved, round after round, and reported as medians and as ratios to plain f
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cgan  # noqa: E402
 import common  # noqa: E402
 import gan  # noqa: E402
-from ddpm_speed import synchronize  # noqa: E402  (bench/ is on the path when a bench script runs)
+from ddpm_speed import seconds_per_call  # noqa: E402  (bench/ is on the path when a bench script runs)
 
 K = 10          # classes for cgan.py's variants
 VARIANTS = {    # name: (script, extra flags, channels_last)
@@ -41,16 +40,6 @@ def iteration(script, G, D, opt_g, opt_d, x, c, args):
     else:
         script.d_step(G, D, opt_d, x, args, 0.0)
         script.g_step(G, D, opt_g, len(x), args, 0.0, x.device)
-
-
-def iteration_time(setup, steps):
-    for i in range(steps + 2):                 # two warm-up iterations
-        if i == 2:
-            synchronize(setup[5].device)
-            start = time.perf_counter()
-        iteration(*setup)
-    synchronize(setup[5].device)
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv=None):
@@ -79,7 +68,7 @@ def main(argv=None):
     times = {name: [] for name in setups}
     for _ in range(args.rounds):
         for name, setup in setups.items():
-            times[name].append(iteration_time(setup, args.steps))
+            times[name].append(seconds_per_call(lambda: iteration(*setup), args.steps, device))
     base = statistics.median(times["gan fp32"])
     for name, t in times.items():
         med = statistics.median(t)

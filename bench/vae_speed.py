@@ -11,7 +11,6 @@ drifts 25-40% within an hour on a shared CPU, ratios much less. Run it alone on 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import cvae  # noqa: E402
 import vae  # noqa: E402
-from ddpm_speed import synchronize  # noqa: E402  (bench/ is on the path when a bench script runs)
+from ddpm_speed import seconds_per_call  # noqa: E402  (bench/ is on the path when a bench script runs)
 
 K = 10          # classes for cvae.py's variants
 VARIANTS = {    # name: (script, extra flags, channels_last)
@@ -41,16 +40,6 @@ def step(script, model, opt, x, v, args):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-def step_time(setup, steps):
-    for i in range(steps + 2):                 # two warm-up steps
-        if i == 2:
-            synchronize(setup[3].device)
-            start = time.perf_counter()
-        step(*setup)
-    synchronize(setup[3].device)
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv=None):
@@ -79,7 +68,7 @@ def main(argv=None):
     times = {name: [] for name in setups}
     for _ in range(args.rounds):
         for name, setup in setups.items():
-            times[name].append(step_time(setup, args.steps))
+            times[name].append(seconds_per_call(lambda: step(*setup), args.steps, device))
     base = statistics.median(times["vae fp32"])
     for name, t in times.items():
         med = statistics.median(t)
