@@ -570,16 +570,17 @@ class Run:
     """One run's directory <out>/<script>/<name>/: args.json, metrics.jsonl, loss.png, grids, final.json, ckpt.pt.
 
     With --resume the directory is --name's (or the latest run's), and `load_checkpoint` returns its state.
-    reopen=True (a script's --sample-only) opens such a finished run read-only: its args.json, metrics.jsonl and
-    final.json stay as training left them, and new results go to new files."""
+    reopen=True (a script's --sample-only, or the `reopen_flag` it has instead) opens such a finished run
+    read-only: its args.json, metrics.jsonl and final.json stay as training left them, and new results go to new
+    files."""
 
-    def __init__(self, script, args, reopen=False):
+    def __init__(self, script, args, reopen=False, reopen_flag="--sample-only"):
         root = Path(args.out) / script
         name, existing = args.name, args.resume or reopen
         if existing and name is None:
             runs = sorted(root.glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
             if not runs:
-                fail(f"{'--sample-only' if reopen else '--resume'}: no run with a checkpoint under {root}")
+                fail(f"{reopen_flag if reopen else '--resume'}: no run with a checkpoint under {root}")
             name = runs[-1].parent.name
         if name is None:
             name = time.strftime("%Y%m%d-%H%M%S")
@@ -588,7 +589,7 @@ class Run:
         self.dir, self.args, self.reopen = root / name, args, reopen
         self.ckpt_path = self.dir / "ckpt.pt"
         if existing and not self.ckpt_path.exists():
-            fail(f"{'--sample-only' if reopen else '--resume'}: {self.ckpt_path} does not exist")
+            fail(f"{reopen_flag if reopen else '--resume'}: {self.ckpt_path} does not exist")
         if not existing and self.ckpt_path.exists():
             fail(f"{self.dir} already holds a run: add --resume to continue it, or choose another --name")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -1080,6 +1081,20 @@ def ssim(x, y, region=None):
 
 
 # ----------------------------------------------------------------------------- hyperparameter table
+
+def check_sweep_run(directory, run_args, free):
+    """A sweep reuses (or resumes) the run in `directory` only if all its flags but the `free` ones (those that
+    may differ per run: the swept flag, names, devices) equal this sweep's."""
+    path = Path(directory) / "args.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(vars(run_args), default=str))       # as args.json stores them (tuples as lists)
+    for key, value in current.items():
+        if key not in free and saved.get(key) != value:
+            fail(f"{directory} was made with --{key.replace('_', '-')} {saved.get(key)}; this sweep has "
+                 f"{value}: give a sweep with other flags its own --name")
+
 
 def runs_table(root):
     """Markdown table of the runs under `root`: the flags that differ between them, then their final metrics."""

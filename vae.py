@@ -507,19 +507,6 @@ SWEEP_TABLE = ("test_recon", "test_kl", "active_units", "corr_offdiag_samples", 
 SWEEP_FREE = {"name", "resume", "sweep_beta", "device", "num_workers", "out", "sample_only"}   # may differ per run
 
 
-def check_sweep_run(directory, run_args):
-    """A sweep reuses (or resumes) a run only if all its flags but beta and the SWEEP_FREE ones are this sweep's."""
-    path = directory / "args.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    current = json.loads(json.dumps(vars(run_args), default=str))       # as args.json stores them (tuples as lists)
-    for key, value in current.items():
-        if key not in SWEEP_FREE and saved.get(key) != value:
-            common.fail(f"{directory} was made with --{key.replace('_', '-')} {saved.get(key)}; this sweep has "
-                        f"{value}: give a sweep with other flags its own --name")
-
-
 def sweep(args):
     """Train (or reuse, or resume) one run per beta under <out>/vae/<name>/beta<b>, then plot every metric
     against beta into <name>/beta_sweep.png and beta_sweep.json, and print a Markdown table by beta."""
@@ -537,7 +524,7 @@ def sweep(args):
         directory = root / f"beta{beta:g}"
         run_args = argparse.Namespace(**{**vars(args), "beta": beta, "name": f"{sweep_name}/beta{beta:g}",
                                          "sweep_beta": None, "resume": (directory / "ckpt.pt").exists()})
-        check_sweep_run(directory, run_args)
+        common.check_sweep_run(directory, run_args, SWEEP_FREE)
         if not (directory / "final.json").exists():
             report(*train(run_args), run_args)
         results[beta] = json.loads((directory / "final.json").read_text())
