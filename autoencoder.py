@@ -751,7 +751,8 @@ def sweep(args):
     axes[1].plot(positions, [r["mlp_probe_accuracy"] for r in results.values()], "s-", label="MLP probe")
     axes[1].set(ylabel="test accuracy of the class from the code")
     for ax in axes:
-        ax.set_xticks(list(positions), labels)
+        ax.set_xticks(list(positions), [f"{v}\n(fully conv.)" if flag == "latent_dim" and v == "0" else v
+                                         for v in labels])
         ax.set(xlabel=f"--{flag.replace('_', '-')}")
         ax.legend(fontsize=7)
     fig.suptitle(f"{args.task}: sweep over --{flag.replace('_', '-')}", fontsize=9)
