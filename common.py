@@ -1084,7 +1084,7 @@ def ssim(x, y, region=None):
 
 def check_sweep_run(directory, run_args, free):
     """A sweep reuses (or resumes) the run in `directory` only if all its flags but the `free` ones (those that
-    may differ per run: the swept flag, names, devices) equal this sweep's."""
+    may differ between runs: names, devices, workers) equal this run's, the swept value included."""
     path = Path(directory) / "args.json"
     if not path.exists():
         return
