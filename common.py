@@ -17,14 +17,18 @@ Command line:
     python common.py classifier --dataset shapes       # train (or load) the reference classifier, print accuracy
 """
 import argparse
+import ast
 import contextlib
+import csv
 import hashlib
 import json
 import math
 import os
 import random
+import sysconfig
 import tempfile
 import time
+import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -99,8 +103,13 @@ def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_e
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0: load in-process)")
     g.add_argument("--split-sizes", type=lambda s: tuple(int(n) for n in s.split(",")), default=(50_000, 5_000, 10_000),
                    help="shapes only: train,validation,test image counts (default 50000,5000,10000, as CIFAR-10)")
+    return add_training_flags(p, batch_size=batch_size, lr=lr, steps=steps, epochs=epochs, eval_every=eval_every)
+
+
+def add_training_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500):
+    """The optimisation and system flags of add_shared_flags, for a script with data flags of its own."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="images per optimiser step")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="examples (images, sequences) per optimiser step")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (unless --steps)")
     g.add_argument("--steps", type=int, default=steps, help="optimiser steps; overrides --epochs")
     g.add_argument("--lr", type=float, default=lr, help="learning rate")
@@ -333,16 +342,16 @@ def _decode_all(files, size, what):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _folder_split(root):
-    """<root>/<class>/<image> -> (files, labels, class names)."""
+def _folder_split(root, extensions=IMAGE_EXTENSIONS, what="images"):
+    """<root>/<class>/<file> -> (files, labels, class names), the files those with one of `extensions`."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        fail(f"{root} has no class subfolders: expected <root>/<class>/*.png|jpg (ImageFolder layout)")
+        fail(f"{root} has no class subfolders: expected <root>/<class>/*{'|'.join(extensions[:2])} (one folder per class)")
     files, labels = [], []
     for c, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in extensions)
         if not found:
-            fail(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            fail(f"class folder {root / name} holds no {what} ({', '.join(extensions)})")
         files += found
         labels += [c] * len(found)
     return files, torch.tensor(labels), classes
@@ -487,7 +496,7 @@ def _carve_missing(train, val, test):
         return [train, val, test]
     held = _held_out_size(len(labels))
     if held == 0:
-        fail(f"{len(labels)} training images are too few to carve validation and test splits off (10 at least); "
+        fail(f"{len(labels)} training examples are too few to carve validation and test splits off (10 at least); "
              f"add val/ and test/ folders (or validation.txt and test.txt)")
     rest, out = _carve(len(labels), held * sum(missing))
     pick = lambda ix: ([files[i] for i in ix.tolist()], labels[ix])
@@ -497,19 +506,19 @@ def _carve_missing(train, val, test):
     return [pick(rest), val, test]
 
 
-def _folder_files(root):
+def _folder_files(root, extensions=IMAGE_EXTENSIONS, what="images"):
     """ImageFolder layout; with train/ (and val/ or validation/, test/) subfolders when present."""
     split_dirs = {s: next((root / d for d in names if (root / d).is_dir()), None)
                   for s, names in (("train", ["train"]), ("val", ["val", "validation", "valid"]), ("test", ["test"]))}
     if split_dirs["train"] is None:
         split_dirs = {"train": root, "val": None, "test": None}
-    files, labels, classes = _folder_split(split_dirs["train"])
+    files, labels, classes = _folder_split(split_dirs["train"], extensions, what)
     others = []
     for s in ("val", "test"):
         if split_dirs[s] is None:
             others.append(None)
             continue
-        f, y, c = _folder_split(split_dirs[s])
+        f, y, c = _folder_split(split_dirs[s], extensions, what)
         if c != classes:
             fail(f"{split_dirs[s]} has classes {c}, but {split_dirs['train']} has {classes}")
         others.append((f, y))
@@ -562,6 +571,286 @@ def load_data(args, fields=("image", "label"), sizes=None):
                                             drop_last=shuffle)
     channels = train[[0]][0].shape[1]
     return Data(loader(train, True), loader(val, False), loader(test, False), len(classes), classes, channels)
+
+
+# ----------------------------------------------------------------------------- text and audio datasets
+#
+# Sequences for rnn.py: texts (str) or waveforms (1-D float tensors in [-1, 1] at one sample rate) with labels,
+# and plain-text corpora for language modelling. Tokens and audio features are the script's own business.
+
+TEXT_EXTENSIONS = (".txt",)
+AUDIO_EXTENSIONS = (".wav",)
+# Ten packages every CPython install carries (no tkinter or idlelib, which Linux distributions split off).
+STDLIB_PACKAGES = ("asyncio", "collections", "email", "http", "importlib", "logging", "multiprocessing",
+                   "unittest", "urllib", "xml")
+SPEECH_COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+TEXT_DATASETS = ("stdlib", "names", "imdb", "textfolder", "csv")
+AUDIO_DATASETS = ("speechcommands", "audiofolder")
+CORPORA = ("pydoc", "shakespeare", "textfile")
+URLS = {"names": "https://download.pytorch.org/tutorial/data.zip",
+        "imdb": "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+        "speechcommands": "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
+        "shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"}
+
+
+class Sequences(NamedTuple):
+    splits: list        # [(items, labels)] for train, validation and test; items are str or 1-D float tensors
+    classes: list
+    kind: str           # "text" or "audio"
+
+
+def _hash_split(key):
+    """0 (train, 80%), 1 (validation, 10%) or 2 (test, 10%) from an item's stable name, so an item keeps its split
+    when others are added or removed (another Python version's standard library, say)."""
+    bucket = int(hashlib.md5(key.encode()).hexdigest(), 16) % 10
+    return 0 if bucket < 8 else bucket - 7
+
+
+def _definitions(tree):
+    """(node, qualified name) of the functions at a module's top level and the methods of its top-level classes."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node, node.name
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield item, f"{node.name}.{item.name}"
+
+
+def _function_source(node, lines):
+    """A definition's source from its `def` line, the docstring removed (it often names its module), unindented."""
+    body = lines[node.lineno - 1:node.end_lineno]
+    first = node.body[0]
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+            and first.lineno > node.lineno):
+        del body[first.lineno - node.lineno:first.end_lineno - node.lineno + 1]
+    indent = node.col_offset                # a method's: remove it (but not text a string literal starts at column 0)
+    return "\n".join(line[indent:] if not line[:indent].strip() else line for line in body)
+
+
+def stdlib_functions():
+    """The embedded text classification set: (source, package index, name) of each function and method in the
+    modules of STDLIB_PACKAGES (tests skipped). Sources that occur more than once are kept once, and dropped
+    altogether when two packages share them: an exact copy must not sit in two splits or under two labels."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for label, package in enumerate(STDLIB_PACKAGES):
+        if not (root / package).is_dir():
+            fail(f"this Python has no standard library package {package} in {root}: the stdlib set needs it")
+        for path in sorted((root / package).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if "/test/" in name or "/tests/" in name or path.name.startswith("test_"):
+                continue
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = ast.parse(source)
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            lines = source.splitlines()
+            found += [(_function_source(node, lines), label, f"{name}:{qualname}") for node, qualname in _definitions(tree)]
+    packages = {}
+    for source, label, _ in found:
+        packages.setdefault(source, set()).add(label)
+    kept, seen = [], set()
+    for source, label, name in found:
+        if len(packages[source]) == 1 and source not in seen:
+            seen.add(source)
+            kept.append((source, label, name))
+    return kept
+
+
+def _stdlib_set():
+    splits = [([], []) for _ in range(3)]
+    for source, label, name in stdlib_functions():
+        items, labels = splits[_hash_split(name)]
+        items.append(source)
+        labels.append(label)
+    return [(items, torch.tensor(labels)) for items, labels in splits], list(STDLIB_PACKAGES)
+
+
+def _download(name, folder, archive=True):
+    """Fetch URLS[name] into `folder` (extracting an archive there); a clear error when offline."""
+    from torchvision.datasets.utils import download_and_extract_archive, download_url
+    try:
+        (download_and_extract_archive if archive else download_url)(URLS[name], str(folder))
+    except (OSError, RuntimeError) as e:        # URLError is an OSError
+        fail(f"{name} is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); put a copy there "
+             f"(--data-dir), or use an embedded set: --dataset stdlib (classification), pydoc (generation)")
+
+
+def _names(root):
+    """The PyTorch tutorial's surnames by language: data/names/<Language>.txt, one name per line."""
+    folder = root / "names" / "data" / "names"
+    if not folder.is_dir():
+        _download("names", root / "names")
+    items, labels, classes = [], [], []
+    for path in sorted(folder.glob("*.txt")):
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items += names
+        labels += [len(classes)] * len(names)
+        classes.append(path.stem)
+    return _carve_missing((items, torch.tensor(labels)), None, None), classes
+
+
+def _read_texts(files):
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def _imdb(root):
+    """IMDB movie reviews (Maas et al. 2011): 25,000 train and 25,000 test, negative or positive; the validation
+    split is carved off the training reviews."""
+    folder = root / "imdb" / "aclImdb"
+    if not folder.is_dir():
+        _download("imdb", root / "imdb")
+    splits, classes = [], ["neg", "pos"]
+    for split in ("train", "test"):
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            found = sorted((folder / split / name).glob("*.txt"))
+            files += found
+            labels += [label] * len(found)
+        splits.append(([t.replace("<br />", " ") for t in _read_texts(files)], torch.tensor(labels)))
+    return _carve_missing(splits[0], None, splits[1]), classes
+
+
+def _read_csv(path):
+    """(texts, label strings) of a CSV file with a header naming `text` and `label` columns."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"text", "label"} <= set(rows[0]):
+        fail(f"{path} needs a header row with the columns text and label (and at least one row)")
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def _csv_set(root):
+    """--data-dir a CSV file (validation and test carved off it) or a folder of train.csv, val.csv, test.csv."""
+    if root.is_file():
+        paths = {"train": root, "val": None, "test": None}
+    else:
+        paths = {s: next((root / n for n in names if (root / n).exists()), None) for s, names in
+                 (("train", ["train.csv"]), ("val", ["val.csv", "validation.csv"]), ("test", ["test.csv"]))}
+        if paths["train"] is None:
+            fail(f"{root} has no train.csv: give a CSV file, or a folder with train.csv (val.csv, test.csv)")
+    read = {s: _read_csv(p) if p else None for s, p in paths.items()}
+    classes = _label_order(read["train"][1])
+    index = {c: i for i, c in enumerate(classes)}
+    encoded = []
+    for split, entry in read.items():
+        if entry is None:
+            encoded.append(None)
+            continue
+        unknown = sorted(set(entry[1]) - set(index))
+        if unknown:
+            fail(f"the {split} CSV has labels {unknown[:5]} that the training CSV never uses")
+        encoded.append((entry[0], torch.tensor([index[c] for c in entry[1]])))
+    return _carve_missing(*encoded), classes
+
+
+def read_wav(path):
+    """A PCM WAV file (8, 16, 24 or 32 bit) as a mono float32 tensor in [-1, 1] (channels averaged) and its sample
+    rate, with the standard library's wave module."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError, OSError) as e:
+        fail(f"cannot read {path} as a PCM WAV file ({e}); convert it, e.g. ffmpeg -i in.x -acodec pcm_s16le out.wav")
+    if width == 1:              # 8-bit WAV samples are unsigned, centred on 128
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:            # 24-bit little-endian: a zero low byte in front makes each a 32-bit integer
+        bytes3 = np.frombuffer(raw, np.uint8).reshape(-1, 3)
+        samples = np.pad(bytes3, ((0, 0), (1, 0))).view("<i4")[:, 0].astype(np.float32) / 2 ** 31
+    else:
+        samples = np.frombuffer(raw, {2: "<i2", 4: "<i4"}[width]).astype(np.float32) / 2 ** (8 * width - 1)
+    return torch.from_numpy(samples.reshape(-1, channels).mean(1)), rate
+
+
+def resample(samples, rate, target):
+    """Linear interpolation from `rate` to `target` Hz: enough between nearby rates; it does not filter out what
+    lies above the new Nyquist frequency, so downsample far (44.1 kHz to 8 kHz) with a proper tool beforehand."""
+    if rate == target:
+        return samples
+    size = max(1, round(len(samples) * target / rate))
+    return F.interpolate(samples[None, None], size=size, mode="linear", align_corners=False)[0, 0]
+
+
+def _read_waves(files, sample_rate):
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        waves = pool.map(read_wav, files)
+        return [resample(w, rate, sample_rate) for w, rate in tqdm(waves, total=len(files), desc="reading audio",
+                                                                     leave=False, disable=len(files) < 5000)]
+
+
+def _speech_commands(root, sample_rate):
+    """Speech Commands v0.02 (Warden 2018), the ten command words, in its own train/validation/test lists."""
+    folder = root / "speechcommands"
+    if not (folder / "testing_list.txt").exists():
+        _download("speechcommands", folder)
+    held = {s: set((folder / f"{s}_list.txt").read_text().split()) for s in ("validation", "testing")}
+    splits = [([], []) for _ in range(3)]
+    for label, word in enumerate(SPEECH_COMMANDS):
+        for path in sorted((folder / word).glob("*.wav")):
+            name = f"{word}/{path.name}"
+            files, labels = splits[1 if name in held["validation"] else 2 if name in held["testing"] else 0]
+            files.append(path)
+            labels.append(label)
+    return [(_read_waves(f, sample_rate), torch.tensor(y)) for f, y in splits], list(SPEECH_COMMANDS)
+
+
+def load_sequences(name="stdlib", data_dir="data", sample_rate=16000):
+    """Sequence classification data: texts or waveforms (resampled to `sample_rate`) per split, and class names."""
+    root = Path(data_dir)
+    if name not in TEXT_DATASETS + AUDIO_DATASETS:
+        fail(f"unknown dataset {name!r} for classification; choose one of: {', '.join(TEXT_DATASETS + AUDIO_DATASETS)}")
+    if name in ("textfolder", "audiofolder", "csv") and not root.exists():
+        fail(f"--data-dir {root} does not exist: for --dataset {name} it must hold the data")
+    if name == "stdlib":
+        splits, classes = _stdlib_set()
+    elif name == "names":
+        splits, classes = _names(root)
+    elif name == "imdb":
+        splits, classes = _imdb(root)
+    elif name == "csv":
+        splits, classes = _csv_set(root)
+    elif name == "speechcommands":
+        splits, classes = _speech_commands(root, sample_rate)
+    else:
+        audio = name == "audiofolder"
+        files, labels, classes = _folder_files(root, *((AUDIO_EXTENSIONS, "WAV files") if audio
+                                                       else (TEXT_EXTENSIONS, "text files")))
+        read = (lambda f: _read_waves(f, sample_rate)) if audio else _read_texts
+        splits = [(read(f), y) for f, y in zip(files, labels)]
+    return Sequences(splits, classes, "audio" if name in AUDIO_DATASETS else "text")
+
+
+def load_corpus(name="pydoc", data_dir="data"):
+    """(train, validation, test) text for language modelling. pydoc: the interactive help topics the standard
+    library ships (pydoc_data), split by topic; shakespeare (Karpathy's tiny Shakespeare) and textfile (--data-dir
+    a .txt file): the first 90%, the next 5%, the last 5% of the characters."""
+    if name == "pydoc":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:
+            fail("this Python has no pydoc_data (the help topics): use --dataset textfile --data-dir <a .txt file>")
+        parts = [[], [], []]
+        for topic in sorted(topics):
+            parts[_hash_split(topic)].append(topics[topic])
+        return tuple("\n".join(p) for p in parts)
+    if name == "shakespeare":
+        path = Path(data_dir) / "shakespeare" / "input.txt"
+        if not path.exists():
+            _download("shakespeare", path.parent, archive=False)
+    elif name == "textfile":
+        path = Path(data_dir)
+        if not path.is_file():
+            fail(f"--data-dir {path} is not a file: for --dataset textfile it must be a UTF-8 text file")
+    else:
+        fail(f"unknown corpus {name!r} for generation; choose one of: {', '.join(CORPORA)}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if len(text) < 1000:
+        fail(f"{path} holds {len(text)} characters: too few to split into train, validation and test (1000 at least)")
+    a, b = int(0.9 * len(text)), int(0.95 * len(text))
+    return text[:a], text[a:b], text[b:]
 
 
 # ----------------------------------------------------------------------------- run directory and checkpoints
