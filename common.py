@@ -26,9 +26,11 @@ import math
 import os
 import random
 import sysconfig
+import tarfile
 import tempfile
 import time
 import wave
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -134,10 +136,10 @@ def forever(loader):
         yield from loader
 
 
-def check_finite(loss, step):
+def check_finite(loss, step, advice="lower --lr, or check the data (are images in [-1, 1]?)"):
     value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
-        fail(f"the loss became {value} at step {step}: lower --lr, or check the data (are images in [-1, 1]?)")
+        fail(f"the loss became {value} at step {step}: {advice}")
 
 
 # ----------------------------------------------------------------------------- the embedded Shapes dataset
@@ -497,7 +499,8 @@ def _carve_missing(train, val, test):
     held = _held_out_size(len(labels))
     if held == 0:
         fail(f"{len(labels)} training examples are too few to carve validation and test splits off (10 at least); "
-             f"add val/ and test/ folders (or validation.txt and test.txt)")
+             f"give the validation and test splits (val/ and test/ folders, validation.txt and test.txt, or "
+             f"val.csv and test.csv)")
     rest, out = _carve(len(labels), held * sum(missing))
     pick = lambda ix: ([files[i] for i in ix.tolist()], labels[ix])
     parts = iter(out.split(held))
@@ -589,7 +592,7 @@ AUDIO_DATASETS = ("speechcommands", "audiofolder")
 CORPORA = ("pydoc", "shakespeare", "textfile")
 URLS = {"names": "https://download.pytorch.org/tutorial/data.zip",
         "imdb": "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
-        "speechcommands": "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
+        "speechcommands": "https://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
         "shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"}
 
 
@@ -676,20 +679,30 @@ def _download(name, folder, archive=True):
     except (OSError, RuntimeError) as e:        # URLError is an OSError
         fail(f"{name} is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); put a copy there "
              f"(--data-dir), or use an embedded set: --dataset stdlib (classification), pydoc (generation)")
+    except (tarfile.ReadError, zipfile.BadZipFile, EOFError) as e:     # an interrupted earlier download
+        fail(f"the {name} archive in {folder} is damaged ({e}): delete {folder} and run again to download it anew")
 
 
 def _names(root):
-    """The PyTorch tutorial's surnames by language: data/names/<Language>.txt, one name per line."""
+    """The PyTorch tutorial's surnames by language: data/names/<Language>.txt, one name per line. The files repeat
+    names (Arabic.txt holds about 100 distinct ones in 2,000 lines) and some names belong to two languages: each
+    name is kept once, and not at all when its language is ambiguous, so no test name is a training name."""
     folder = root / "names" / "data" / "names"
     if not folder.is_dir():
         _download("names", root / "names")
-    items, labels, classes = [], [], []
+    languages, classes = {}, []
     for path in sorted(folder.glob("*.txt")):
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        items += names
-        labels += [len(classes)] * len(names)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                languages.setdefault(line.strip(), set()).add(len(classes))
         classes.append(path.stem)
-    return _carve_missing((items, torch.tensor(labels)), None, None), classes
+    splits = [([], []) for _ in range(3)]
+    for name, found in languages.items():
+        if len(found) == 1:
+            items, labels = splits[_hash_split(name)]
+            items.append(name)
+            labels.append(found.pop())
+    return [(items, torch.tensor(labels)) for items, labels in splits], classes
 
 
 def _read_texts(files):
@@ -714,11 +727,18 @@ def _imdb(root):
 
 
 def _read_csv(path):
-    """(texts, label strings) of a CSV file with a header naming `text` and `label` columns."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    """(texts, label strings) of a UTF-8 CSV file (with or without Excel's byte-order mark) whose header names a
+    `text` and a `label` column."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        fail(f"cannot read {path} as a UTF-8 CSV file ({e})")
     if not rows or not {"text", "label"} <= set(rows[0]):
         fail(f"{path} needs a header row with the columns text and label (and at least one row)")
+    for n, row in enumerate(rows, 2):
+        if row["text"] is None or row["label"] is None:
+            fail(f"{path}:{n}: a row without its text or label")
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
@@ -802,8 +822,10 @@ def load_sequences(name="stdlib", data_dir="data", sample_rate=16000):
     root = Path(data_dir)
     if name not in TEXT_DATASETS + AUDIO_DATASETS:
         fail(f"unknown dataset {name!r} for classification; choose one of: {', '.join(TEXT_DATASETS + AUDIO_DATASETS)}")
-    if name in ("textfolder", "audiofolder", "csv") and not root.exists():
-        fail(f"--data-dir {root} does not exist: for --dataset {name} it must hold the data")
+    if name in ("textfolder", "audiofolder") and not root.is_dir():
+        fail(f"--data-dir {root} is not a directory: for --dataset {name} it must hold <root>/<class>/ folders")
+    if name == "csv" and not root.exists():
+        fail(f"--data-dir {root} does not exist: for --dataset csv it must be a CSV file or a folder of them")
     if name == "stdlib":
         splits, classes = _stdlib_set()
     elif name == "names":

@@ -13,7 +13,8 @@ recurrent neural networks" (character-level generation).
     python rnn.py --task generate                          # a character-level model of Python's help topics
     python rnn.py --task generate --sample-only --prime "A list " --temperatures 0,0.5,1   # sample run again
     python rnn.py --dataset names                          # surname -> language (downloads the PyTorch set)
-    python rnn.py --dataset speechcommands --max-length 0  # ten spoken words, log-mel frames (downloads 2.3 GB)
+    python rnn.py --dataset speechcommands                 # ten spoken words, log-mel frames (downloads 2.3 GB)
+    python rnn.py --dataset imdb --tokens word --max-length 300     # movie-review sentiment, words
     python rnn.py --dataset textfolder --data-dir my/texts # <root>/<class>/*.txt; csv and audiofolder alike
 
 Recurrences. A layer reads inputs x_1..x_T (vectors) and keeps a state h_t in R^H, from h_0 = 0 (a fresh state
@@ -118,8 +119,8 @@ TOKENS = ("char", "word")
 PAD, UNK = 0, 1                 # vocabulary indices of the padding token and of tokens training never showed
 BUCKET_BATCHES = 50             # batches are cut from pools of this many, sorted by length: little padding
 EVAL_STREAMS = 8                # parallel streams for bits per character on validation and test text
-MODEL_FLAGS = ("task", "dataset", "tokens", "vocab_size", "n_mels", "cell", "layers", "hidden", "embed",
-               "bidirectional", "pool", "dropout")
+MODEL_FLAGS = ("task", "dataset", "tokens", "vocab_size", "max_length", "sample_rate", "n_mels", "cell", "layers",
+               "hidden", "embed", "bidirectional", "pool", "dropout")
 DEFAULT_DATASET = {"classify": "stdlib", "generate": "pydoc"}
 DEFAULT_EPOCHS = {"classify": 20, "generate": 20}
 
@@ -165,11 +166,15 @@ def mel_filter_bank(n_mels, n_fft, sample_rate, f_min=0.0, f_max=None):
     mel = lambda f: 2595 * torch.log10(1 + torch.as_tensor(f, dtype=torch.float64) / 700)
     hz = lambda m: 700 * (10 ** (m / 2595) - 1)
     edges = hz(torch.linspace(mel(f_min), mel(f_max), n_mels + 2, dtype=torch.float64))   # lower edge, centres, upper
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)       # the bins' frequencies
+    freqs = torch.fft.rfftfreq(n_fft, 1 / sample_rate, dtype=torch.float64)              # the bins' frequencies
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     rising = (freqs - lower) / (centre - lower)
     falling = (upper - freqs) / (upper - centre)
-    return torch.minimum(rising, falling).clamp(min=0).float()
+    bank = torch.minimum(rising, falling).clamp(min=0).float()
+    if not (bank > 0).any(1).all():
+        common.fail(f"--n-mels {n_mels} is too many for {n_fft}-point frames at {sample_rate} Hz: the narrowest "
+                    f"filters fall between frequency bins; lower --n-mels")
+    return bank
 
 
 def log_mel(samples, sample_rate, bank):
@@ -414,9 +419,12 @@ def classify(args, run, device):
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         check_vocabulary(state, vocab)
+        if state["classes"] != classes:
+            common.fail(f"the checkpoint was trained on the classes {state['classes']}, this data has {classes}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best, elapsed = state["step"], state["best"], state["seconds"]
+        set_random_state(state["random"])
     else:
         elapsed = 0.0
     began = time.perf_counter() - elapsed
@@ -428,7 +436,7 @@ def classify(args, run, device):
         with common.autocast(args.amp, device):
             logits = model(x, lengths).float()
         loss = F.cross_entropy(logits, y)           # on the logits: log-softmax is inside
-        common.check_finite(loss, step)
+        common.check_finite(loss, step, "lower --lr or --clip")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -447,9 +455,20 @@ def classify(args, run, device):
                        f" (best {best['accuracy']:.4f} at step {best['step']})")
             run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(), best=best,
                                 vocabulary=vocab.itos if vocab else None, classes=classes,
-                                seconds=time.perf_counter() - began)
+                                seconds=time.perf_counter() - began, random=random_state())
     train_minutes = (time.perf_counter() - began) / 60
     return report_classification(run, model, best, splits, classes, parameters, args, device, steps, train_minutes)
+
+
+def random_state():
+    """The generators dropout draws from, so that --resume continues with the masks the run would have drawn."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_vocabulary(state, vocab):
@@ -580,8 +599,10 @@ def generate(args, run, device):
     vocab = Vocabulary.build([texts[0]], "char", None)
     train_ids, val_ids, test_ids = (vocab.encode(t, "char") for t in texts)
     known = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", texts[0])}
+    unseen = {split: int((ids == UNK).sum()) for split, ids in (("val", val_ids), ("test", test_ids))}
     print(f"{args.dataset}: " + ", ".join(f"{name} {len(t):,}" for name, t in zip(("train", "val", "test"), texts))
-          + f" characters, vocabulary {len(vocab)} (with <pad>, <unk>)")
+          + f" characters, vocabulary {len(vocab)} (with <pad>, <unk>); characters training never shows, "
+            f"which count as <unk>: {unseen}")
     model = LanguageModel(args, len(vocab)).to(device)
     parameters = parameter_counts(model)
     print(f"parameters: {parameters} ({sum(parameters.values()):,})")
@@ -595,10 +616,12 @@ def generate(args, run, device):
         check_vocabulary(state, vocab)
         model.load_state_dict(state["model"])
         if args.sample_only:
-            shares = write_samples(run, model, vocab, known, args, device, f"samples-{time.strftime('%H%M%S')}.md")
-            return run.finish(parameters, f"samples-{time.strftime('%H%M%S')}.json", **shares)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            shares = write_samples(run, model, vocab, known, args, device, f"samples-{stamp}.md")
+            return run.finish(parameters, f"samples-{stamp}.json", **shares)
         opt.load_state_dict(state["optimizer"])
         start, elapsed = state["step"], state["seconds"]
+        set_random_state(state["random"])
     began = time.perf_counter() - elapsed
     states = None                    # a resumed run starts its window from a fresh state: a small, one-off change
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"rnn {args.cell} generate")
@@ -612,7 +635,7 @@ def generate(args, run, device):
             logits, states = model(inputs[:, t:t + args.bptt].to(device), states)
         states = detach(states)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, t:t + args.bptt].flatten().to(device))
-        common.check_finite(loss, step)
+        common.check_finite(loss, step, "lower --lr or --clip")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -624,7 +647,7 @@ def generate(args, run, device):
             run.log(step + 1, "val", loss=val_bpc * math.log(2), bpc=val_bpc)
             tqdm.write(f"step {step + 1}: validation {val_bpc:.3f} bits per character")
             run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
-                                vocabulary=vocab.itos, seconds=time.perf_counter() - began)
+                                vocabulary=vocab.itos, seconds=time.perf_counter() - began, random=random_state())
     train_minutes = (time.perf_counter() - began) / 60
     val_bpc, test_bpc = (bits_per_character(model, ids, args, device) for ids in (val_ids, test_ids))
     run.log(steps, "test", loss=test_bpc * math.log(2), bpc=test_bpc)
@@ -632,7 +655,8 @@ def generate(args, run, device):
                     "curves.png", log_scale=("gradient norm (before clipping)",))
     shares = write_samples(run, model, vocab, known, args, device, "samples.md")
     return run.finish(parameters, step=steps, val_bpc=val_bpc, test_bpc=test_bpc,
-                      uniform_bpc=math.log2(len(vocab) - 2), train_minutes=train_minutes, **shares)
+                      uniform_bpc=math.log2(len(vocab) - 2), train_minutes=train_minutes,
+                      unseen_val_characters=unseen["val"], unseen_test_characters=unseen["test"], **shares)
 
 
 # ----------------------------------------------------------------------------- the variant table
@@ -660,7 +684,7 @@ def ablate(args):
         try:
             grid[flag] = [kind(v) for v in values]
         except ValueError:
-            common.fail(f"--ablate {flag}: cannot read {','.join(values)} as {kind.__name__} values")
+            common.fail(f"--ablate {flag}: cannot read {','.join(values)} as values of --{flag}")
     if args.sample_only:
         common.fail("--ablate trains; to sample one of its runs use --sample-only --name <ablation>/<variant>")
     name = args.name or "ablation"
@@ -701,11 +725,16 @@ def check_flags(args):
     for flag, allowed in choices.items():
         if getattr(args, flag) not in allowed:
             common.fail(f"unknown --{flag} {getattr(args, flag)!r}; choose one of: {', '.join(allowed)}")
-    for flag in ("layers", "hidden", "embed", "batch_size", "bptt", "n_mels"):
-        if getattr(args, flag) < 1:
-            common.fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    at_least = {"layers": 1, "hidden": 1, "embed": 1, "batch_size": 1, "eval_batch_size": 1, "eval_every": 1,
+                "steps": 1, "epochs": 1, "bptt": 1, "n_mels": 1, "sample_length": 1, "max_length": 0,
+                "sample_rate": 1000}
+    for flag, least in at_least.items():
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            common.fail(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     if not 0 <= args.dropout < 1:
         common.fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not args.clip > 0:
+        common.fail(f"--clip must be positive (the largest gradient norm let through), got {args.clip}")
     if args.task == "generate":
         if args.bidirectional:
             common.fail("--task generate predicts each character from those before it: a bidirectional model "
