@@ -11,6 +11,8 @@ Nothing here is a model a script is meant to teach. It holds what every script w
     features of Inception-v3 (the standard FID) or of a small reference classifier trained on the dataset
     (works offline; it also judges conditional samples: is a sample drawn for class y classified as y?).
   * `psnr` and `ssim`: restoration quality against the ground truth, over whole images or a region.
+  * `load_sequences`, `load_corpus`, `read_wav`: texts, waveforms and plain-text corpora for rnn.py, embedded
+    (functions of the standard library, its help topics), downloaded, or from a folder, CSV or text file.
 
 Command line:
     python common.py table runs/ddpm                   # Markdown table: differing flags against final metrics
