@@ -540,19 +540,26 @@ def _list_files(root):
     if lists["train"] is None:
         fail(f"{root} has no train.txt: the list layout needs train.txt (and validation.txt, test.txt) "
              f"with one 'path label' per line")
-    classes = _label_order(lists["train"][1])
+    encoded, classes = _encode_labels(lists, "list")
+    splits = _carve_missing(*encoded)
+    return [s[0] for s in splits], [s[1] for s in splits], classes
+
+
+def _encode_labels(splits, what):
+    """{split: (items, label strings) or None} -> [(items, label indices) or None] and the class names, which
+    come from the training split; a label it never uses is an error."""
+    classes = _label_order(splits["train"][1])
     index = {c: i for i, c in enumerate(classes)}
     encoded = []
-    for split, entry in lists.items():
+    for split, entry in splits.items():
         if entry is None:
             encoded.append(None)
             continue
         unknown = sorted(set(entry[1]) - set(index))
         if unknown:
-            fail(f"the {split} list has labels {unknown[:5]} that train.txt never uses")
+            fail(f"the {split} {what} has labels {unknown[:5]} that the training {what} never uses")
         encoded.append((entry[0], torch.tensor([index[c] for c in entry[1]])))
-    splits = _carve_missing(*encoded)
-    return [s[0] for s in splits], [s[1] for s in splits], classes
+    return encoded, classes
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False):
@@ -753,18 +760,7 @@ def _csv_set(root):
                  (("train", ["train.csv"]), ("val", ["val.csv", "validation.csv"]), ("test", ["test.csv"]))}
         if paths["train"] is None:
             fail(f"{root} has no train.csv: give a CSV file, or a folder with train.csv (val.csv, test.csv)")
-    read = {s: _read_csv(p) if p else None for s, p in paths.items()}
-    classes = _label_order(read["train"][1])
-    index = {c: i for i, c in enumerate(classes)}
-    encoded = []
-    for split, entry in read.items():
-        if entry is None:
-            encoded.append(None)
-            continue
-        unknown = sorted(set(entry[1]) - set(index))
-        if unknown:
-            fail(f"the {split} CSV has labels {unknown[:5]} that the training CSV never uses")
-        encoded.append((entry[0], torch.tensor([index[c] for c in entry[1]])))
+    encoded, classes = _encode_labels({s: _read_csv(p) if p else None for s, p in paths.items()}, "CSV")
     return _carve_missing(*encoded), classes
 
 

@@ -194,7 +194,7 @@ def test_folder_errors(tmp_path):
     (root / "class0" / "1.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=r"cannot read image .*1.png"):
         common.load_datasets("folder", root, 8)
-    with pytest.raises(SystemExit, match="9 training images are too few"):
+    with pytest.raises(SystemExit, match="9 training examples are too few"):
         common.load_datasets("folder", make_folder(tmp_path / "tiny", classes=1, per_class=9), 8)
 
 
