@@ -443,3 +443,26 @@ def test_a_csv_without_its_columns_and_an_offline_download_are_clear_errors(tmp_
     monkeypatch.setitem(common.URLS, "names", "http://127.0.0.1:9/data.zip")     # nothing listens there
     with pytest.raises(SystemExit, match="names is not in .* and could not be downloaded"):
         common.load_sequences("names", tmp_path)
+
+
+def test_the_imdb_and_speech_commands_layouts_load_without_a_download(tmp_path):
+    for split, n in (("train", 30), ("test", 6)):
+        for label in ("neg", "pos", *(["unsup"] if split == "train" else [])):      # unsup: unlabelled, skipped
+            folder = tmp_path / "imdb" / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"{i}_7.txt").write_text(f"{label} review<br />line two")
+    data = common.load_sequences("imdb", tmp_path)
+    assert data.classes == ["neg", "pos"] and [len(items) for items, _ in data.splits] == [54, 6, 12]
+    assert "<br />" not in data.splits[0][0][0]
+    root = tmp_path / "speechcommands"
+    for word in ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "bird", "_background_noise_"):
+        (root / word).mkdir(parents=True)
+        for i in range(3):
+            write_wav(root / word / f"{i}.wav", np.zeros(800), 16000)
+    (root / "validation_list.txt").write_text("yes/1.wav\nbird/1.wav\n")
+    (root / "testing_list.txt").write_text("yes/2.wav\ngo/2.wav\n")
+    data = common.load_sequences("speechcommands", tmp_path, sample_rate=8000)
+    assert data.kind == "audio" and data.classes == list(common.SPEECH_COMMANDS)
+    assert [len(items) for items, _ in data.splits] == [27, 1, 2]
+    assert data.splits[2][1].tolist() == [0, 9] and data.splits[0][0][0].shape == (400,)   # resampled to 8 kHz
