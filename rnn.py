@@ -9,7 +9,7 @@ recurrent neural networks" (character-level generation).
 
     python rnn.py                                          # which of 10 stdlib packages a function comes from
     python rnn.py --cell gru --layers 2 --bidirectional --pool max
-    python rnn.py --ablate cell=rnn,gru,lstm bidirectional=false,true --steps 1500   # the variant table
+    python rnn.py --ablate cell=rnn,gru,lstm layers=1,2 bidirectional=false,true --amp bf16 --name variants
     python rnn.py --task generate                          # a character-level model of Python's help topics
     python rnn.py --task generate --sample-only --prime "A list " --temperatures 0,0.5,1   # sample run again
     python rnn.py --dataset names                          # surname -> language (downloads the PyTorch set)
@@ -60,8 +60,8 @@ sequence is reversed within its own length (the padding stays at the end), run f
 mean and max use the real steps only. --packed computes the same with torch's packed sequences instead
 (pack_padded_sequence), which skips the padding rather than discarding what it produced; the tests check that
 both paths agree, and that padding never changes a prediction. On this CPU, on the length-sorted batches made
-here, the packed path runs at 0.84x the padded one's speed (bench/rnn_speed.py), and several times slower on
-batches of very unequal lengths; on GPUs, with cuDNN, packing is the usual choice.
+here, the packed path runs at 0.84x the padded one's speed (bench/rnn_speed.py); on GPUs, with cuDNN, packing
+is the usual choice.
 
 Classification loss, per batch of N sequences with classes y_n and logits s_n = W pool(h_n) + b in R^K:
 
@@ -78,8 +78,8 @@ p(c_{t+1} | c_1..c_t) = softmax(W h_t + b), and minimises the cross-entropy per 
 character = nats / ln 2 (the size of an ideal code for the text under the model; 0 for a perfect predictor,
 log2 |V| for a uniform guess). Training uses truncated backpropagation through time: the training text is cut
 into --batch-size parallel streams; step k reads window k (--bptt characters) of every stream, and the state
-after window k starts window k+1, so the model conditions on everything read before; the state is detached
-between windows, so gradients stop at the window border. Sampling feeds a priming string (--prime), then draws
+after window k starts window k+1, so the model conditions on everything read before (each pass over the text
+starts from a fresh state); the state is detached between windows, so gradients stop at the window border. Sampling feeds a priming string (--prime), then draws
 each character from softmax(logits / T): T -> 0 is the greedy argmax, T = 1 the model's own distribution,
 higher T flatter. Each sample's words are checked against the training text's vocabulary (the share of words
 of two or more letters that occur there): how recognisable the words are, as a number.
