@@ -467,9 +467,9 @@ def random_state():
 
 
 def set_random_state(state):
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())             # the checkpoint was loaded onto --device; these live on the CPU
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def check_vocabulary(state, vocab):
