@@ -132,10 +132,15 @@ def total_steps(args, train_loader):
     return args.steps if args.steps is not None else args.epochs * len(train_loader)
 
 
-def forever(loader):
-    """Batches without end, epoch after epoch (each epoch reshuffled), for step-counted training loops."""
+def forever(loader, skip=0):
+    """Batches without end, epoch after epoch (each epoch reshuffled), for step-counted training loops. A run
+    resumed at step `skip` passes it to continue with the batches an uninterrupted run would have seen next."""
+    step = 0
     while True:
-        yield from loader
+        for batch in loader:          # the skipped batches are still drawn, so each epoch's shuffle is the same
+            if step >= skip:
+                yield batch
+            step += 1
 
 
 def check_finite(loss, step, advice="lower --lr, or check the data (are images in [-1, 1]?)"):
