@@ -606,7 +606,7 @@ def accuracy_table(results):
             else:
                 cells += [""] * 3
         lines.append("| " + " | ".join(cells) + " |")
-    if "resnet34" in results and "wide" in results:
+    if "resnet34" in results and "wide" in results and next(iter(results["resnet34"]["accuracy"].values())) > 0:
         full = lambda m: next(iter(results[m]["accuracy"].values()))
         lines.append(f"\nwide reaches {full('wide') / full('resnet34'):.1%} of resnet34's test accuracy "
                      f"({full('wide'):.3f} against {full('resnet34'):.3f}).")
