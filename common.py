@@ -78,12 +78,21 @@ def get_device(name="auto"):
     return device
 
 
+def native_bf16(device):
+    """Does the hardware compute in bf16 itself? GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX, read from
+    Linux's /proc/cpuinfo (oneDNN's own check accepts any AVX-512 CPU, where bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
 def autocast(amp, device):
-    """bf16 autocast for --amp bf16, none for --amp off; --amp auto uses it where the hardware runs bf16 natively
-    (recent GPUs, CPUs with AVX-512 BF16 or AMX), since older CPUs emulate it and get slower."""
-    use = amp == "bf16" or (amp == "auto" and (
-        (device.type == "cuda" and torch.cuda.is_bf16_supported()) or
-        (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+    """bf16 autocast for --amp bf16, none for --amp off; --amp auto uses it where the hardware runs bf16 natively,
+    since older CPUs and GPUs emulate it and get slower."""
+    use = amp == "bf16" or (amp == "auto" and native_bf16(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
