@@ -78,13 +78,13 @@ def get_device(name="auto"):
     return device
 
 
-def native_bf16(device):
+def native_bf16(device, cpuinfo=Path("/proc/cpuinfo")):
     """Does the hardware compute in bf16 itself? GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX, read from
     Linux's /proc/cpuinfo (oneDNN's own check accepts any AVX-512 CPU, where bf16 is emulated and slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
-        flags = Path("/proc/cpuinfo").read_text()
+    if device.type == "cpu" and cpuinfo.exists():
+        flags = cpuinfo.read_text()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
 

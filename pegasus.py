@@ -241,6 +241,7 @@ class Generator(nn.Module):
 
 
 def sn(module):
+    """Spectral normalisation (Miyato et al. 2018): the layer's weight divided by its largest singular value."""
     return nn.utils.parametrizations.spectral_norm(module)
 
 
@@ -303,13 +304,13 @@ def get_device(name):
     return torch.device(name)
 
 
-def native_bf16(device):
+def native_bf16(device, cpuinfo=Path("/proc/cpuinfo")):
     """Does the hardware compute in bf16 itself? (GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX, read from
     Linux's /proc/cpuinfo.) Elsewhere bf16 is emulated and slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
-        flags = Path("/proc/cpuinfo").read_text()
+    if device.type == "cpu" and cpuinfo.exists():
+        flags = cpuinfo.read_text()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
 
@@ -542,7 +543,8 @@ def save_neighbours(samples, train_x, pixel_nn, feature_nn, rows, path):
                   (to_float(train_x[feature_nn[0][i]]), f"feature NN {feature_nn[1][i]:.3f}")]
         for ax, (image, title) in zip(axes[r], panels):
             ax.imshow(((image + 1) / 2).permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_title(title, fontsize=8), ax.axis("off")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -615,7 +617,9 @@ def save_architecture(G, D, classifier, args, path):
         ax.text(x + 1.275, y, text, ha="center", va="center", fontsize=7.5)
         if i:
             ax.annotate("", (x, y), (x - 0.4, y), arrowprops=dict(arrowstyle="->"))
-    ax.set_xlim(-0.3, 14.5), ax.set_ylim(-3.2, height + 0.8), ax.axis("off")
+    ax.set_xlim(-0.3, 14.5)
+    ax.set_ylim(-3.2, height + 0.8)
+    ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,6 @@ import colorsys
 import json
 import math
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,8 +348,16 @@ def test_autocast_flag():
         assert (a @ b).dtype == torch.bfloat16
     with common.autocast("auto", cpu):          # bf16 exactly where the CPU has native bf16
         assert (a @ b).dtype == (torch.bfloat16 if common.native_bf16(cpu) else torch.float32)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert common.native_bf16(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_native_bf16_needs_the_bf16_instructions_not_just_avx512(tmp_path):
+    """An AVX-512 CPU without AVX-512 BF16 or AMX emulates bf16 (slower): --amp auto must leave it off there."""
+    cpu, cpuinfo = torch.device("cpu"), tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 avx512f avx512bw avx512vl", False), ("avx512f avx512_bf16", True),
+                          ("avx2 amx_bf16 amx_tile", True), ("", False)):
+        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+        assert common.native_bf16(cpu, cpuinfo) == native, flags
+    assert not common.native_bf16(cpu, tmp_path / "missing")          # not Linux: off
 
 
 def test_restart_without_resume_starts_metrics_afresh(tmp_path):

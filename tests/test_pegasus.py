@@ -282,3 +282,10 @@ def test_classifier_loss_falls_and_learns_tiny_data(cifar_folder, tmp_path):
     assert len([h for h in state["classifier_history"] if "held_out_accuracy" in h]) == 2     # step 30 and the end
     assert losses[-1] < 0.5 * losses[0]
     assert state["classifier_accuracy"] >= 0.8 and (tmp_path / "c.pt").exists()
+
+
+def test_native_bf16_needs_the_bf16_instructions_not_just_avx512(tmp_path):
+    cpu, cpuinfo = torch.device("cpu"), tmp_path / "cpuinfo"
+    for flags, native in (("avx512f avx512bw avx512vl", False), ("avx512f avx512_bf16", True), ("amx_bf16", True)):
+        cpuinfo.write_text(f"flags : {flags}\n")
+        assert pegasus.native_bf16(cpu, cpuinfo) == native, flags
