@@ -114,8 +114,10 @@ SCATTER_POINTS = 2000           # test codes in the 2-D scatter plot
 # Distortions come from seeded generators: training step t of a run with --seed r uses seed r * TRAIN_SEED_STRIDE
 # + t; batch b of the evaluation of distortion item k uses (k + 1) * EVAL_SEED_STRIDE + b, so the two streams
 # never share a seed, every evaluation sees the same inputs (at the same --batch-size), and a resumed run draws
-# the same distortions at each step.
+# the same distortions at each step. Under torchrun, process number k adds k * RANK_SEED_STRIDE: each process
+# distorts its shard of the batch differently.
 TRAIN_SEED_STRIDE = 2 ** 40
+RANK_SEED_STRIDE = 2 ** 32
 EVAL_SEED_STRIDE = 1_000_003
 
 
@@ -454,39 +456,46 @@ def train(args):
                   "decoder": common.count_parameters(model.decoder)}
     print(f"encoder: {parameters['encoder']:,} parameters, decoder: {parameters['decoder']:,} parameters")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = common.grad_scaler(args.amp, device)
     steps, start = common.total_steps(args, data.train), 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = state["step"]
     if args.eval_only:         # evaluate on the distortions it was trained with, unless --test-distort says otherwise
         args.distort = state["args"]["distort"]
         return run, model, data, parameters, device, start
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     items = parse_distortions(args.distort)
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="autoencoder")
     for step in bar:
         model.train()
         x, _, *mask = next(batches)
-        g = torch.Generator().manual_seed(args.seed * TRAIN_SEED_STRIDE + step)
+        g = torch.Generator().manual_seed(args.seed * TRAIN_SEED_STRIDE + step + common.rank() * RANK_SEED_STRIDE)
         choice = torch.randint(len(items), (len(x),), generator=g)
         net_input, target, _, _ = make_pair(x.to(device), mask[0] if mask else None, args.task, items, choice, g)
         with common.autocast(args.amp, device):
-            out = model(net_input.contiguous(memory_format=torch.channels_last))
+            out = net(net_input.contiguous(memory_format=torch.channels_last))
         loss = loss_fn(out, target, args.task)
         common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         run.log(step + 1, "train", loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.5f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(model, data.val, args, items, device, per_item=False)
-            run.log(step + 1, "val", loss=val)
-            tqdm.write(f"step {step + 1}: validation loss {val:.5f}"
-                       + ("" if args.task == "segment" else f" (PSNR of the mean MSE {-10 * math.log10(val):.2f} dB)"))
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict())
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                val = evaluate(model, data.val, args, items, device, per_item=False)
+                run.log(step + 1, "val", loss=val)
+                psnr = "" if args.task == "segment" else f" (PSNR of the mean MSE {-10 * math.log10(val):.2f} dB)"
+                tqdm.write(f"step {step + 1}: validation loss {val:.5f}{psnr}")
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict())
     return run, model, data, parameters, device, steps
 
 
@@ -707,6 +716,8 @@ def sweep(args):
         common.fail(f"--sweep over {flag!r} is not supported; choose one of {', '.join(SWEEPABLE)}")
     if args.eval_only:
         common.fail("--sweep trains; to evaluate one of its runs again use --eval-only --name <sweep>/<flag><value>")
+    if common.world_size() > 1:
+        common.fail("--sweep runs in one process: start it with python, or each value with torchrun")
     if flag == "latent_dim" and args.skip != "none":
         common.fail("skips bypass the bottleneck, so a --latent-dim sweep is only meaningful with --skip none")
     kind = type(getattr(args, flag))
@@ -808,9 +819,6 @@ def get_args(argv=None):
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate run --name's checkpoint (default: the latest) again, on its training distortions or "
                         "--test-distort; give the run's model flags (--task, --latent-dim, --skip, ...) again")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (the loss stays in float32)")
     args = p.parse_args(argv)
     if args.distort is None:
         args.distort = DEFAULT_DISTORT.get(args.task, "none")
@@ -823,7 +831,9 @@ def main(argv=None):
     if args.sweep:
         sweep(args)
     else:
-        report(*train(args), args)
+        trained = train(args)
+        if common.is_main():                          # under torchrun, rank 0 alone reports
+            report(*trained, args)
 
 
 if __name__ == "__main__":

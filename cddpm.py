@@ -240,13 +240,14 @@ class Schedule(nn.Module):
         self.register_buffer("alpha_bar", torch.cumprod(1 - betas, dim=0).float())
 
 
-def loss(model, x0, y, schedule, p_uncond):
-    """|| eps - eps_theta(x_t, t, c) ||^2 averaged over batch and pixels, with labels dropped to null at p_uncond."""
+def loss(model, x0, y, schedule, p_uncond, num_classes):
+    """|| eps - eps_theta(x_t, t, c) ||^2 averaged over batch and pixels, with labels dropped to null at p_uncond.
+    (num_classes is passed, not read from the model, which may be wrapped by DistributedDataParallel.)"""
     t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
     eps = torch.randn_like(x0)
     ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    c = one_hot(drop_labels(y, model.num_classes, p_uncond), model.num_classes)
+    c = one_hot(drop_labels(y, num_classes, p_uncond), num_classes)
     return F.mse_loss(model(xt, t, c).float(), eps)
 
 
@@ -323,7 +324,7 @@ def evaluate(model, loader, schedule, args, device, max_batches=None):
                 break
             x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
             with common.autocast(args.amp, device):
-                total += loss(model, x, y, schedule, args.p_uncond).item() * len(x)
+                total += loss(model, x, y, schedule, args.p_uncond, model.num_classes).item() * len(x)
             n += len(x)
     return total / n
 
@@ -364,17 +365,18 @@ def train(args):
     parameters = common.count_parameters(model)
     print(f"conditional U-Net: {parameters:,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    scaler = common.grad_scaler(args.amp, device)
     steps, start = common.total_steps(args, data.train), 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = state["step"]
     if args.sample_only:
         steps = start
-    if args.compile:
-        model = torch.compile(model)
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     batches = common.forever(data.train)
     grid_conditions = class_grid_conditions(data.num_classes)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="cddpm", disable=args.sample_only)
@@ -385,12 +387,14 @@ def train(args):
         x, y = next(batches)
         x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
         with common.autocast(args.amp, device):
-            l = loss(model, x, y, schedule, args.p_uncond)
+            l = loss(net, x, y, schedule, args.p_uncond, data.num_classes)
         common.check_finite(l, step)
         opt.zero_grad(set_to_none=True)
-        l.backward()
+        scaler.scale(l).backward()
+        scaler.unscale_(opt)                            # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         decay = min(args.ema, (1 + step) / (10 + step))     # EMA of the weights, warmed up as in ddpm.py
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -398,12 +402,15 @@ def train(args):
         run.log(step + 1, "train", loss=l.item())
         bar.set_postfix(loss=f"{l.item():.4f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
-            run.log(step + 1, "val", loss=val)
-            tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
-            run.save_checkpoint(step + 1, model=getattr(model, "_orig_mod", model).state_dict(),
-                                ema=ema.state_dict(), optimizer=opt.state_dict())
-            run.save_grid(generate(ema, schedule, args, grid_conditions, device)[0], f"samples_{step + 1:06d}.png")
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
+                run.log(step + 1, "val", loss=val)
+                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
+                run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
+                                    optimizer=opt.state_dict(), scaler=scaler.state_dict())
+                run.save_grid(generate(ema, schedule, args, grid_conditions, device)[0],
+                              f"samples_{step + 1:06d}.png")
     return run, ema, schedule, data, parameters, device, steps
 
 
@@ -541,10 +548,6 @@ def get_args(argv=None):
                    help="the two class indices to interpolate between, e.g. 0,4 (the default: circle and cross "
                         "on shapes; 0,1 with fewer than five classes)")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (slower at 16px here)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first step)")
     args = p.parse_args(argv)
     if not 0 <= args.p_uncond < 1:
         common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}: the model needs some labelled training")
@@ -554,7 +557,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
-    report(*train(args), args)
+    trained = train(args)
+    if common.is_main():                              # under torchrun, rank 0 alone reports
+        report(*trained, args)
 
 
 if __name__ == "__main__":

@@ -320,10 +320,12 @@ def check_classes(args, num_classes):
         common.fail(f"--interpolate takes two class indices between 0 and {num_classes - 1}, got {args.interpolate}")
 
 
-def d_step(G, D, opt_d, x, c, args, sigma):
+def d_step(G, D, opt_d, x, c, args, sigma, scaler=None):
     """One step on L_D (+ gamma/2 R1, + AC-GAN's class losses) for a real batch x with conditions c and a fresh
     fake batch for the same conditions; returns the step's statistics.
-    loss_d is the adversarial term alone (what validation measures); the penalties are logged beside it."""
+    loss_d is the adversarial term alone (what validation measures); the penalties are logged beside it.
+    `scaler`: --amp fp16's gradient scaler (see common.grad_scaler); none in full precision."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     z = torch.randn(len(x), G.latent_dim, device=x.device)
     with torch.no_grad():
         fake = G(z, c)
@@ -337,25 +339,30 @@ def d_step(G, D, opt_d, x, c, args, sigma):
         class_term = args.acgan_weight * (class_loss(k_real, c) + args.acgan_on_fakes * class_loss(k_fake, c))
         loss = adversarial + args.r1 / 2 * penalty + class_term
     opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_d.step()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt_d)                        # the logged gradient norm is the true one
+    scaler.step(opt_d)
+    scaler.update()
     return dict(loss_d=adversarial, d_real=d_output(l_real, args.loss).mean(),
                 d_fake=d_output(l_fake, args.loss).mean(),
                 d_acc=d_accuracy(l_real, l_fake, args.loss), grad_norm_d=grad_norm(D), r1=penalty,
                 class_loss_d=class_term)
 
 
-def g_step(G, D, opt_g, c, args, sigma):
+def g_step(G, D, opt_g, c, args, sigma, scaler=None):
     """One step on L_G for a fresh fake batch with conditions c; D's weights are frozen for it."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     D.requires_grad_(False)
-    z = torch.randn(len(c), G.latent_dim, device=c.device)
+    z = torch.randn(len(c), args.latent_dim, device=c.device)
     with common.autocast(args.amp, c.device):
         l_fake, k_fake = D(with_noise(G(z, c), sigma), c)
         adversarial = g_loss(l_fake.float(), args.loss)
         loss = adversarial + args.acgan_weight * class_loss(k_fake, c)
     opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_g.step()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt_g)
+    scaler.step(opt_g)
+    scaler.update()
     D.requires_grad_(True)
     return dict(loss_g=adversarial, grad_norm_g=grad_norm(G))
 
@@ -440,14 +447,19 @@ def train(args):
     print(f"G: {parameters['generator']:,} parameters, D: {parameters['discriminator']:,} parameters")
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, 0.999))
+    scaler_g, scaler_d = common.grad_scaler(args.amp, device), common.grad_scaler(args.amp, device)
     steps, start, progress = common.total_steps(args, data.train), 0, []
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
-        for module, key in ((G, "generator"), (D, "discriminator"), (ema, "ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+        for module, key in ((G, "generator"), (D, "discriminator"), (ema, "ema"), (opt_g, "opt_g"), (opt_d, "opt_d"),
+                            (scaler_g, "scaler_g"), (scaler_d, "scaler_d")):
             module.load_state_dict(state[key])
         start, progress = state["step"], state["progress"]
     if args.sample_only:
         return run, ema, G, D, data, parameters, device, start
+    # What the training steps call (see common.distribute): D's step takes fakes from G without gradients, and
+    # G's step runs D frozen, so each needs only the other's plain module.
+    G_net, D_net = common.distribute(G, args, device), common.distribute(D, args, device)
     per_class = max(1, MONITOR_SAMPLES // data.num_classes)
     fixed_c = class_grid_conditions(data.num_classes, per_class).to(device)
     fixed_z = latents(len(fixed_c), args.latent_dim, args.seed, device)
@@ -460,8 +472,8 @@ def train(args):
         for _ in range(args.d_steps):                                    # (1) update D: maximise V over D
             x, y = next(batches)
             c = common.one_hot(y, data.num_classes).to(device)
-            d_stats = d_step(G, D, opt_d, x.to(device), c, args, sigma)
-        g_stats = g_step(G, D, opt_g, c, args, sigma)                    # (2) update G, for the last batch's labels
+            d_stats = d_step(G, D_net, opt_d, x.to(device), c, args, sigma, scaler_d)
+        g_stats = g_step(G_net, D, opt_g, c, args, sigma, scaler_g)      # (2) update G, for the last batch's labels
         update_ema(ema, G, min(args.ema, (1 + step) / (10 + step)))      # ramped up as in ddpm.py
         stats = {k: v.item() for k, v in {**d_stats, **g_stats}.items()}
         common.check_finite(stats["loss_d"] + stats["loss_g"], step)
@@ -474,18 +486,23 @@ def train(args):
         bar.set_postfix(D=f"{stats['loss_d']:.3f}", G=f"{stats['loss_g']:.3f}", Dx=f"{stats['d_real']:.2f}",
                         DGz=f"{stats['d_fake']:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate_d(G, D, data.val, args, device, data.num_classes)
-            run.log(step + 1, "val", **val)
-            tqdm.write(f"step {step + 1}: validation L_D {val['loss_d']:.4f}, L_G {val['loss_g']:.4f}, "
-                       f"D(x) {val['d_real']:.3f}, D(G(z)) {val['d_fake']:.3f}")
-            with torch.no_grad():
-                samples = ema.eval()(fixed_z, fixed_c).cpu()
-            run.save_grid(samples, f"samples_{step + 1:06d}.png")
-            progress.append((step + 1, samples[::per_class]))    # samples over training: a row per evaluation,
-            run.save_grid(torch.cat([x for _, x in progress]), "progress.png", nrow=data.num_classes)  # a class each
-            run.save_checkpoint(step + 1, generator=G.state_dict(), discriminator=D.state_dict(),
-                                ema=ema.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
-                                progress=progress)
+            common.check_replicas(G, step + 1)
+            common.check_replicas(D, step + 1)
+            if common.is_main():
+                val = evaluate_d(G, D, data.val, args, device, data.num_classes)
+                run.log(step + 1, "val", **val)
+                tqdm.write(f"step {step + 1}: validation L_D {val['loss_d']:.4f}, L_G {val['loss_g']:.4f}, "
+                           f"D(x) {val['d_real']:.3f}, D(G(z)) {val['d_fake']:.3f}")
+                with torch.no_grad():
+                    samples = ema.eval()(fixed_z, fixed_c).cpu()
+                run.save_grid(samples, f"samples_{step + 1:06d}.png")
+                # samples over training: a row per evaluation, a class each
+                progress.append((step + 1, samples[::per_class]))
+                run.save_grid(torch.cat([x for _, x in progress]), "progress.png", nrow=data.num_classes)
+                run.save_checkpoint(step + 1, generator=G.state_dict(), discriminator=D.state_dict(),
+                                    ema=ema.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                                    scaler_g=scaler_g.state_dict(), scaler_d=scaler_d.state_dict(),
+                                    progress=progress)
     return run, ema, G, D, data, parameters, device, steps
 
 
@@ -585,16 +602,15 @@ def get_args(argv=None):
     g.add_argument("--fid-samples", type=int, default=1000, help="class-balanced samples for the Frechet distance "
                                                                  "and conditional accuracy; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
-    report(*train(args), args)
+    trained = train(args)
+    if common.is_main():                              # under torchrun, rank 0 alone reports
+        report(*trained, args)
 
 
 if __name__ == "__main__":

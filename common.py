@@ -22,15 +22,18 @@ import argparse
 import ast
 import contextlib
 import csv
+import datetime
 import hashlib
 import json
 import math
 import os
 import random
+import sys
 import sysconfig
 import tarfile
 import tempfile
 import time
+import traceback
 import wave
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +64,10 @@ def fail(message):
 # ----------------------------------------------------------------------------- device, seed, flags
 
 def get_device(name="auto"):
-    """CUDA, then Apple's MPS, then the CPU; `--device cpu|cuda|cuda:1|mps` overrides."""
+    """CUDA, then Apple's MPS, then the CPU; `--device cpu|cuda|cuda:1|mps` overrides. Under torchrun the process
+    first joins the others (see join_processes) and takes GPU number LOCAL_RANK."""
+    if world_size() > 1:
+        return join_processes(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -90,16 +96,143 @@ def native_bf16(device, cpuinfo=Path("/proc/cpuinfo")):
 
 
 def autocast(amp, device):
-    """bf16 autocast for --amp bf16, none for --amp off; --amp auto uses it where the hardware runs bf16 natively,
-    since older CPUs and GPUs emulate it and get slower."""
-    use = amp == "bf16" or (amp == "auto" and native_bf16(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+    """bf16 or fp16 autocast for --amp bf16|fp16, none for --amp off; --amp auto uses bf16 where the hardware runs
+    it natively, since older CPUs and GPUs emulate it and get slower (on those GPUs, fp16 is the fast choice)."""
+    use = amp in ("bf16", "fp16") or (amp == "auto" and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=use)
+
+
+def grad_scaler(amp, device):
+    """fp16 represents nothing below 6e-8, so small gradients would underflow to zero. The scaler multiplies the
+    loss by a large factor S before backward and divides the gradients by S before the step; a step whose
+    gradients overflowed (inf or NaN) is skipped and S halved, and S doubles after 2000 clean steps. bf16 has
+    float32's exponent range and needs none: for --amp other than fp16 the scaler passes everything through."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 def seed_everything(seed):
+    """Seeds Python, NumPy and torch. Under torchrun each process adds its rank: the noise it draws (diffusion
+    times, latent codes, dropout masks) must differ from the other processes', or its share of the batch would
+    repeat theirs. Rank 0 draws what a single process would; the data order has its own generator (make_loader)."""
+    seed += rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+#
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script, with RANK, LOCAL_RANK and WORLD_SIZE
+# in their environment. Each process holds a replica of the model and trains it on 1/N of every batch (its
+# `shard`); DistributedDataParallel averages the gradients across processes during backward, so every replica
+# takes the same step, the one a single process would take on the whole batch. --batch-size stays the global
+# batch: the same command trains the same model on 1 or N GPUs. Rank 0 alone evaluates, samples and writes.
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    """The number of processes: torchrun's WORLD_SIZE (read from the environment until they have joined), else 1."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    """The process that evaluates, samples and writes the run's files (the only one without torchrun)."""
+    return rank() == 0
+
+
+def join_processes(name="auto"):
+    """Join torchrun's process group (NCCL between GPUs, Gloo between CPU processes) and return this process's
+    device."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if name == "auto" and torch.cuda.is_available():
+        name = f"cuda:{local_rank}"
+    elif name not in ("cpu", "auto"):
+        fail(f"--device {name} under torchrun: use --device auto (one GPU per process) or cpu")
+    device = torch.device("cpu" if name == "auto" else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        # Rank 0 evaluates and samples while the others wait at their next gradient exchange: allow it an hour.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=1))
+    return device
+
+
+def _quiet_other_ranks():
+    """Under torchrun, the processes other than rank 0 print nothing (one progress bar, one report), from the
+    start, before they join; an error that stops one still reaches the terminal."""
+    if rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
+
+
+_quiet_other_ranks()
+
+
+def distribute(model, args, device):
+    """The module the training step calls: `model` itself in one process; under torchrun, wrapped in
+    DistributedDataParallel (which starts every replica from rank 0's weights and averages gradients during
+    backward), with its batch norms synchronised across GPUs so that their statistics are the whole batch's
+    (SyncBatchNorm runs on GPUs only: CPU processes normalise by their own shard); with --compile, compiled.
+    The parameters are shared with `model`, so evaluate, sample and save `model`."""
+    net = model
+    if world_size() > 1:
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net) if args.compile else net
+
+
+def check_replicas(model, step):
+    """Under torchrun, stop if the processes' weights have drifted apart (a forward pass that bypassed
+    DistributedDataParallel, so that its gradients were never averaged). Costs one all-reduce of two numbers."""
+    if world_size() == 1:
+        return
+    total = torch.stack([sum(p.detach().double().sum() for p in model.parameters()),
+                         sum(p.detach().double().square().sum() for p in model.parameters())])
+    spread = torch.stack([total, -total])           # after a MAX all-reduce: the largest sums and minus the smallest
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+    if not torch.allclose(spread[0], -spread[1], rtol=1e-9, atol=0):
+        fail(f"at step {step} the processes' weights differ: the gradients were not averaged across processes")
+
+
+def mean_over_processes(values):
+    """The mean of a tensor over the processes (NCCL exchanges GPU tensors only, so it travels through the GPU)."""
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    values = values.to(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    torch.distributed.all_reduce(values)
+    return values.cpu() / world_size()
+
+
+def gather(obj):
+    """[every process's obj], in rank order (one process: [obj])."""
+    if world_size() == 1:
+        return [obj]
+    objects = [None] * world_size()
+    torch.distributed.all_gather_object(objects, obj)
+    return objects
+
+
+def shard(batch):
+    """This process's share of a global batch of indices: every world_size()-th one from its rank on."""
+    return batch[rank()::world_size()]
+
+
+class Shards:
+    """A batch sampler yielding this process's shard of each global batch of another one (see shard)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return (shard(batch) for batch in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 def count_parameters(model):
@@ -107,7 +240,7 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500, image_size=32):
+def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500, image_size=32, amp="off"):
     """The flags every training script has, with one meaning each; scripts pass their own defaults."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", help=f"one of {', '.join(DATASETS)} (shapes: embedded, offline)")
@@ -116,13 +249,15 @@ def add_shared_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_e
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0: load in-process)")
     g.add_argument("--split-sizes", type=lambda s: tuple(int(n) for n in s.split(",")), default=(50_000, 5_000, 10_000),
                    help="shapes only: train,validation,test image counts (default 50000,5000,10000, as CIFAR-10)")
-    return add_training_flags(p, batch_size=batch_size, lr=lr, steps=steps, epochs=epochs, eval_every=eval_every)
+    return add_training_flags(p, batch_size=batch_size, lr=lr, steps=steps, epochs=epochs, eval_every=eval_every,
+                              amp=amp)
 
 
-def add_training_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500):
+def add_training_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval_every=500, amp="off"):
     """The optimisation and system flags of add_shared_flags, for a script with data flags of its own."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="examples (images, sequences) per optimiser step")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="examples (images, sequences) per optimiser step, over all processes under torchrun")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set (unless --steps)")
     g.add_argument("--steps", type=int, default=steps, help="optimiser steps; overrides --epochs")
     g.add_argument("--lr", type=float, default=lr, help="learning rate")
@@ -133,6 +268,10 @@ def add_training_flags(p, *, batch_size=128, lr=2e-4, steps=None, epochs=1, eval
     g.add_argument("--name", default=None, help="run name (default: a timestamp)")
     g.add_argument("--resume", action="store_true", help="continue run --name (default: the latest) from its checkpoint")
     g.add_argument("--eval-every", type=int, default=eval_every, help="optimiser steps between validations")
+    g.add_argument("--amp", default=amp, choices=("off", "bf16", "fp16", "auto"),
+                   help="mixed precision: bf16 or fp16 autocast (fp16 with a gradient scaler); auto: bf16 where the "
+                        "hardware computes it natively (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained model (slow first steps)")
     return p
 
 
@@ -576,14 +715,18 @@ def _encode_labels(splits, what):
     return encoded, classes
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False):
+def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False, shard=False):
     """A DataLoader that fetches whole batches from an ImageArray (see ImageArray).
 
     Both the shuffling and the DataLoader's own worker seeds come from a private generator, so iterating a
-    loader never moves the global random stream that model initialisation and noise draws use."""
+    loader never moves the global random stream that model initialisation and noise draws use. Every process
+    shuffles alike, so with shard=True under torchrun each takes its shard of the same global batches."""
+    if shard and batch_size % world_size():
+        fail(f"--batch-size {batch_size} does not split evenly over {world_size()} processes")
     g = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, generator=g) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last), batch_size=None,
+    batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+    return DataLoader(dataset, sampler=Shards(batches) if shard else batches, batch_size=None,
                       num_workers=num_workers, persistent_workers=num_workers > 0, generator=g)
 
 
@@ -594,7 +737,7 @@ def load_data(args, fields=("image", "label"), sizes=None):
     if len(train) < args.batch_size:
         fail(f"the training set has {len(train)} images, fewer than --batch-size {args.batch_size}")
     loader = lambda d, shuffle: make_loader(d, args.batch_size, shuffle, args.num_workers, args.seed,
-                                            drop_last=shuffle)
+                                            drop_last=shuffle, shard=shuffle)
     channels = train[[0]][0].shape[1]
     return Data(loader(train, True), loader(val, False), loader(test, False), len(classes), classes, channels)
 
@@ -895,11 +1038,16 @@ class Run:
     With --resume the directory is --name's (or the latest run's), and `load_checkpoint` returns its state.
     reopen=True (a script's --sample-only, or the `reopen_flag` it has instead) opens such a finished run
     read-only: its args.json, metrics.jsonl and final.json stay as training left them, and new results go to new
-    files."""
+    files.
+
+    Under torchrun every process opens the same directory (rank 0's name), but only rank 0 writes to it: the
+    others' `log` and `write_args` do nothing, and the scripts leave evaluation and sampling to rank 0."""
 
     def __init__(self, script, args, reopen=False, reopen_flag="--sample-only"):
         root = Path(args.out) / script
         name, existing = args.name, args.resume or reopen
+        if reopen and world_size() > 1:
+            fail(f"{reopen_flag} runs in one process: start it with python, not torchrun")
         if existing and name is None:
             runs = sorted(root.glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
             if not runs:
@@ -909,26 +1057,40 @@ class Run:
             name = time.strftime("%Y%m%d-%H%M%S")
             while (root / name).exists():
                 name += "+"
-        self.dir, self.args, self.reopen = root / name, args, reopen
+        if world_size() > 1:     # the processes started within the same second, or not: take rank 0's name
+            names = [name]
+            torch.distributed.broadcast_object_list(names, src=0)
+            name = names[0]
+        self.dir, self.args, self.reopen, self.main = root / name, args, reopen, is_main()
         self.ckpt_path = self.dir / "ckpt.pt"
         if existing and not self.ckpt_path.exists():
             fail(f"{reopen_flag if reopen else '--resume'}: {self.ckpt_path} does not exist")
         if not existing and self.ckpt_path.exists():
             fail(f"{self.dir} already holds a run: add --resume to continue it, or choose another --name")
+        args.name = name
+        if not self.main:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         if not existing:         # a run killed before its first checkpoint: nothing to resume, start afresh
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        args.name = name
         if not existing:         # a resumed run's args.json is rewritten once its checkpoint proved compatible
             self.write_args()
 
     def write_args(self):
-        (self.dir / "args.json").write_text(json.dumps(vars(self.args), indent=2, default=str))
+        if self.main:
+            (self.dir / "args.json").write_text(json.dumps(vars(self.args), indent=2, default=str))
 
     def log(self, step, split, **metrics):
         """Append one record, e.g. log(120, "train", loss=0.031) or log(500, "val", loss=..., fd=...).
 
-        `step` counts optimiser steps done (1 after the first), the same count save_checkpoint stores."""
+        `step` counts optimiser steps done (1 after the first), the same count save_checkpoint stores. Under
+        torchrun, "train" records are averaged over the processes' shards, the whole batch's values: every
+        process calls log for them (and only rank 0 for the others)."""
+        if split == "train" and world_size() > 1:
+            values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64)
+            metrics = dict(zip(metrics, mean_over_processes(values).tolist()))
+        if not self.main:
+            return
         record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -947,7 +1109,7 @@ class Run:
         if not (self.args.resume or self.reopen):
             return None
         state = load_checkpoint(self.ckpt_path, self.args, model_flags, device)
-        if self.reopen:
+        if self.reopen or not self.main:
             return state
         kept = [r for r in self.metrics() if r["step"] <= state["step"]]
         with _atomic_path(self.dir / "metrics.jsonl") as tmp:

@@ -255,14 +255,17 @@ def train(args):
     print(f"encoder: {parameters['encoder']:,} parameters, decoder: {parameters['decoder']:,} parameters, "
           f"condition: {parameters['condition']:,}")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = common.grad_scaler(args.amp, device)
     steps, start = common.total_steps(args, data.train), 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = state["step"]
     if args.sample_only:
         return run, model, data, parameters, device, start
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="cvae")
     for step in bar:
@@ -270,15 +273,16 @@ def train(args):
         x, y = next(batches)
         x, v = x.to(device), common.one_hot(y, data.num_classes).to(device)
         with common.autocast(args.amp, device):
-            out, mu, logvar = model(x, v)
+            out, mu, logvar = net(x, v)
         recon = reconstruction_nll(out, x, args.recon, args.sigma)
         kl = kl_per_dimension(mu.float(), logvar.float())
         capacity = capacity_at(step, args)
         loss = objective(recon, kl, args.beta, capacity).mean()
         common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         stats = dict(loss=loss.item(), recon=recon.mean().item(), kl=kl.sum(1).mean().item())
         stats["neg_elbo"] = stats["recon"] + stats["kl"]
         if capacity is not None:
@@ -286,11 +290,14 @@ def train(args):
         run.log(step + 1, "train", **stats)
         bar.set_postfix(loss=f"{stats['loss']:.1f}", recon=f"{stats['recon']:.1f}", kl=f"{stats['kl']:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(model, data.val, args, device)
-            run.log(step + 1, "val", **val)
-            tqdm.write(f"step {step + 1}: validation -ELBO {val['neg_elbo']:.2f} = reconstruction "
-                       f"{val['recon']:.2f} + KL {val['kl']:.2f} nats per image")
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict())
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                val = evaluate(model, data.val, args, device)
+                run.log(step + 1, "val", **val)
+                tqdm.write(f"step {step + 1}: validation -ELBO {val['neg_elbo']:.2f} = reconstruction "
+                           f"{val['recon']:.2f} + KL {val['kl']:.2f} nats per image")
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict())
     return run, model, data, parameters, device, steps
 
 
@@ -439,16 +446,15 @@ def get_args(argv=None):
     g.add_argument("--fid-samples", type=int, default=1000, help="class-balanced prior samples for the Frechet "
                                                                  "distance and conditional accuracy; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (the loss stays in float32)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
-    report(*train(args), args)
+    trained = train(args)
+    if common.is_main():                              # under torchrun, rank 0 alone reports
+        report(*trained, args)
 
 
 if __name__ == "__main__":

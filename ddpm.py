@@ -351,6 +351,7 @@ def train(args):
     print(f"U-Net: {parameters:,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                             fused=device.type in ("cuda", "cpu"))
+    scaler = common.grad_scaler(args.amp, device)
     steps = common.total_steps(args, data.train)
     start = 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
@@ -358,11 +359,11 @@ def train(args):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = state["step"]
     if args.sample_only:
         steps = start
-    if args.compile:
-        model = torch.compile(model)
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="ddpm", disable=args.sample_only)
     for step in bar:
@@ -372,12 +373,14 @@ def train(args):
         x, _ = next(batches)
         x = x.to(device, memory_format=torch.channels_last)
         with common.autocast(args.amp, device):
-            l = loss(model, x, schedule, args.pred)
+            l = loss(net, x, schedule, args.pred)
         common.check_finite(l, step)
         opt.zero_grad(set_to_none=True)
-        l.backward()
+        scaler.scale(l).backward()
+        scaler.unscale_(opt)                            # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 copies. The decay ramps up as
         # (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights.
         decay = min(args.ema, (1 + step) / (10 + step))
@@ -387,12 +390,14 @@ def train(args):
         run.log(step + 1, "train", loss=l.item())
         bar.set_postfix(loss=f"{l.item():.4f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
-            run.log(step + 1, "val", loss=val)
-            tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
-            run.save_checkpoint(step + 1, model=getattr(model, "_orig_mod", model).state_dict(),
-                                ema=ema.state_dict(), optimizer=opt.state_dict())
-            run.save_grid(generate(ema, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
+                run.log(step + 1, "val", loss=val)
+                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
+                run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
+                                    optimizer=opt.state_dict(), scaler=scaler.state_dict())
+                run.save_grid(generate(ema, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
     return run, ema, schedule, data, parameters, device, steps
 
 
@@ -460,17 +465,15 @@ def get_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (slower for the small default here)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first step)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
-    report(*train(args), args)
+    trained = train(args)
+    if common.is_main():                              # under torchrun, rank 0 alone reports
+        report(*trained, args)
 
 
 if __name__ == "__main__":

@@ -362,12 +362,15 @@ def build(args, identities, num_classes):
 # ----------------------------------------------------------------------------- training
 
 def augment(x, generator):
-    """Horizontal flips and random crops of the 4-pixel reflection-padded images, each image its own."""
+    """Horizontal flips and random crops of the 4-pixel reflection-padded images, each image its own. Under
+    torchrun, x is this process's shard of the batch: the draws are made for the whole batch and the shard's taken,
+    so every image is cropped as one process would crop it (and the generator stays in step across processes)."""
     B, _, H, W = x.shape
-    flip = torch.rand(B, generator=generator) < 0.5
+    n = B * common.world_size()
+    flip = common.shard(torch.rand(n, generator=generator) < 0.5)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
-    dy, dx = torch.randint(0, 2 * PAD + 1, (2, B, 1), generator=generator)
+    dy, dx = (common.shard(d) for d in torch.randint(0, 2 * PAD + 1, (2, n, 1), generator=generator))
     rows, cols = dy + torch.arange(H), dx + torch.arange(W)                        # (B, H), (B, W)
     crops = padded[torch.arange(B)[:, None, None], :, rows[:, :, None], cols[:, None, :]]   # (B, H, W, C)
     return crops.permute(0, 3, 1, 2).contiguous()
@@ -433,6 +436,7 @@ def train(args, data=None):
     steps = common.total_steps(args, data.train)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=WARMUP_FRACTION)
+    scaler = common.grad_scaler(args.amp, device)
     # two streams, so that every model gets the same crops and flips whether or not it draws channel subsets
     crops, channels = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     start, elapsed = 0, 0.0
@@ -443,13 +447,16 @@ def train(args, data=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         crops.set_state(state["crops"].cpu())         # loaded onto --device; generator states live on the CPU
         channels.set_state(state["channels"].cpu())
         start, elapsed = state["step"], state["seconds"]
     began = time.perf_counter() - elapsed
     # a loader of its own, seeded by --seed: each model sees the same batches, alone or after others in one process
-    loader = common.make_loader(data.train.dataset, args.batch_size, True, args.num_workers, args.seed, drop_last=True)
+    loader = common.make_loader(data.train.dataset, args.batch_size, True, args.num_workers, args.seed, drop_last=True,
+                                shard=True)
     batches = common.forever(loader, skip=start)
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"dynconv {args.model}")
     for step in bar:
         model.train()
@@ -458,25 +465,31 @@ def train(args, data=None):
         order = draw_channels(n, args.channel_dropout, channels) if args.model in SUBSET_MODELS else tuple(range(n))
         x = augment(x, crops) if args.augment else x
         with common.autocast(args.amp, device):
-            loss = training_loss(model, x.to(device), y.to(device), order, args)
+            loss = training_loss(net, x.to(device), y.to(device), order, args)
         common.check_finite(loss, step, "lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         run.log(step + 1, "train", loss=loss.item(), channels=len(order))
         bar.set_postfix(loss=f"{loss.item():.3f}", channels=combination_name(order, n))
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            scores = {combination_name(o, n): evaluate(model, data.val, o, device, args.amp)
-                      for o in tested_orders(args, n)}
-            run.log(step + 1, "val", loss=sum(s[0] for s in scores.values()) / len(scores),
-                    accuracy=sum(s[1] for s in scores.values()) / len(scores),
-                    **{f"accuracy_{k}": s[1] for k, s in scores.items()})
-            tqdm.write(f"step {step + 1}: validation accuracy " + ", ".join(f"{k} {s[1]:.3f}" for k, s in scores.items()))
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
-                                scheduler=sched.state_dict(), crops=crops.get_state(), channels=channels.get_state(),
-                                classes=data.classes,
-                                seconds=time.perf_counter() - began)
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                scores = {combination_name(o, n): evaluate(model, data.val, o, device, args.amp)
+                          for o in tested_orders(args, n)}
+                run.log(step + 1, "val", loss=sum(s[0] for s in scores.values()) / len(scores),
+                        accuracy=sum(s[1] for s in scores.values()) / len(scores),
+                        **{f"accuracy_{k}": s[1] for k, s in scores.items()})
+                tqdm.write(f"step {step + 1}: validation accuracy "
+                           + ", ".join(f"{k} {s[1]:.3f}" for k, s in scores.items()))
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                    scheduler=sched.state_dict(), scaler=scaler.state_dict(), crops=crops.get_state(),
+                                    channels=channels.get_state(), classes=data.classes,
+                                    seconds=time.perf_counter() - began)
+    if not common.is_main():                          # under torchrun, rank 0 alone reports
+        return None
     train_minutes = (time.perf_counter() - began) / 60
     return report(run, model, data, parameters, args, device, steps, train_minutes)
 
@@ -570,6 +583,8 @@ def compare(args):
         if not (root / model / "final.json").exists():
             data = data or common.load_data(args)          # read once for all the models (the flags are the same)
             train(run_args, data)
+    if not common.is_main():
+        return None
     # the table has every model finished under this name, those of earlier runs of other --models too
     finished = sorted(root.glob("*/final.json"), key=lambda p: MODELS.index(p.parent.name) if p.parent.name in MODELS else 99)
     results = {p.parent.name: json.loads(p.read_text()) for p in finished}
@@ -677,7 +692,8 @@ def check_flags(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Convolution for any subset of input channels: a dynamic first layer "
                                             "against naive models (see the module docstring)")
-    common.add_shared_flags(p, batch_size=128, lr=2e-3, epochs=3, eval_every=500)
+    # --amp auto, unlike the other scripts: the comparison's measured runs (README) trained in bf16 on this CPU
+    common.add_shared_flags(p, batch_size=128, lr=2e-3, epochs=3, eval_every=500, amp="auto")
     g = p.add_argument_group("models")
     g.add_argument("--models", nargs="+", default=list(CHANNEL_MODELS),
                    help=f"trained in turn and compared: {', '.join(MODELS)}")
@@ -702,8 +718,6 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW's decoupled weight decay")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 4-pixel crops")
-    g.add_argument("--amp", default="auto", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (bench/dynconv_speed.py)")
     args = p.parse_args(argv)
     args.model = None          # set per model by compare()
     return args

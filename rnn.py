@@ -360,14 +360,20 @@ def prepare_classification(args):
     return splits, data.classes, vocab
 
 
+def training_batches(split, batch_size, generator=None):
+    """An epoch's index batches. Under torchrun every process takes its shard of each batch (common.shard), so a
+    batch with fewer sequences than processes, the remainder of the epoch if any, is left out."""
+    return [b for b in split.batches(batch_size, generator) if len(b) >= common.world_size()]
+
+
 def epoch_batches(split, args, start):
-    """Training batches from optimiser step `start` on: epoch e shuffled by a generator seeded with (seed, e), so a
-    resumed run continues with exactly the batches it would have seen."""
-    per_epoch = len(split.batches(args.batch_size))
+    """This process's training batches from optimiser step `start` on: epoch e shuffled by a generator seeded with
+    (seed, e), the same in every process, so a resumed run continues with exactly the batches it would have seen."""
+    per_epoch = len(training_batches(split, args.batch_size))
     for epoch in itertools.count(start // per_epoch):
         g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        batches = split.batches(args.batch_size, g)
-        yield from batches[start - epoch * per_epoch if epoch == start // per_epoch else 0:]
+        batches = training_batches(split, args.batch_size, g)
+        yield from map(common.shard, batches[start - epoch * per_epoch if epoch == start // per_epoch else 0:])
 
 
 def scores(predictions, labels, num_classes):
@@ -414,7 +420,8 @@ def classify(args, run, device):
     parameters = parameter_counts(model)
     print(f"parameters: {parameters} ({sum(parameters.values()):,})")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    per_epoch = len(splits[0].batches(args.batch_size))
+    scaler = common.grad_scaler(args.amp, device)
+    per_epoch = len(training_batches(splits[0], args.batch_size))
     steps = args.steps if args.steps is not None else args.epochs * per_epoch
     start, best = 0, {"accuracy": -1.0, "step": 0, "model": None}
     state = run.load_checkpoint(MODEL_FLAGS, device)
@@ -424,49 +431,63 @@ def classify(args, run, device):
             common.fail(f"the checkpoint was trained on the classes {state['classes']}, this data has {classes}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start, best, elapsed = state["step"], state["best"], state["seconds"]
         set_random_state(state["random"])
     else:
         elapsed = 0.0
     began = time.perf_counter() - elapsed
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     batches = epoch_batches(splits[0], args, start)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"rnn {args.cell}")
     for step in bar:
         model.train()
         x, lengths, y = splits[0].batch(next(batches), device)
         with common.autocast(args.amp, device):
-            logits = model(x, lengths).float()
+            logits = net(x, lengths).float()
         loss = F.cross_entropy(logits, y)           # on the logits: log-softmax is inside
         common.check_finite(loss, step, "lower --lr or --clip")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)                        # clip the true gradients, not the fp16-scaled ones
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         accuracy = (logits.argmax(1) == y).float().mean().item()
         run.log(step + 1, "train", loss=loss.item(), accuracy=accuracy, grad_norm=grad_norm.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val_loss, predictions = evaluate(model, splits[1], args, device)
-            val_accuracy = (predictions == splits[1].labels).float().mean().item()
-            run.log(step + 1, "val", loss=val_loss, accuracy=val_accuracy)
-            if val_accuracy > best["accuracy"]:
-                best = {"accuracy": val_accuracy, "step": step + 1,
-                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            tqdm.write(f"step {step + 1}: validation loss {val_loss:.4f}, accuracy {val_accuracy:.4f}"
-                       f" (best {best['accuracy']:.4f} at step {best['step']})")
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(), best=best,
-                                vocabulary=vocab.itos if vocab else None, classes=classes,
-                                seconds=time.perf_counter() - began, random=random_state())
+            common.check_replicas(model, step + 1)
+            random = random_state()
+            if common.is_main():
+                val_loss, predictions = evaluate(model, splits[1], args, device)
+                val_accuracy = (predictions == splits[1].labels).float().mean().item()
+                run.log(step + 1, "val", loss=val_loss, accuracy=val_accuracy)
+                if val_accuracy > best["accuracy"]:
+                    best = {"accuracy": val_accuracy, "step": step + 1,
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                tqdm.write(f"step {step + 1}: validation loss {val_loss:.4f}, accuracy {val_accuracy:.4f}"
+                           f" (best {best['accuracy']:.4f} at step {best['step']})")
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(), best=best,
+                                    scaler=scaler.state_dict(), vocabulary=vocab.itos if vocab else None,
+                                    classes=classes, seconds=time.perf_counter() - began, random=random)
+    if not common.is_main():                        # under torchrun, rank 0 alone reports
+        return None
     train_minutes = (time.perf_counter() - began) / 60
     return report_classification(run, model, best, splits, classes, parameters, args, device, steps, train_minutes)
 
 
 def random_state():
-    """The generators dropout draws from, so that --resume continues with the masks the run would have drawn."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The generators dropout draws from, so that --resume continues with the masks the run would have drawn: a
+    list with every process's (under torchrun each draws its own masks)."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return common.gather(state)
 
 
-def set_random_state(state):
+def set_random_state(states):
+    # A run resumed on another number of processes draws from the states it has: other masks than an uninterrupted
+    # run's, as all its noise would be.
+    state = states[common.rank() % len(states)]
     torch.set_rng_state(state["cpu"].cpu())             # the checkpoint was loaded onto --device; these live on the CPU
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -608,7 +629,10 @@ def generate(args, run, device):
     parameters = parameter_counts(model)
     print(f"parameters: {parameters} ({sum(parameters.values()):,})")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    inputs, targets = streams(train_ids, args.batch_size)
+    scaler = common.grad_scaler(args.amp, device)
+    if args.batch_size % common.world_size():
+        common.fail(f"--batch-size {args.batch_size} does not split evenly over {common.world_size()} processes")
+    inputs, targets = (common.shard(t) for t in streams(train_ids, args.batch_size))   # this process's streams
     windows = math.ceil(inputs.shape[1] / args.bptt)           # optimiser steps per pass over the text
     steps = args.steps if args.steps is not None else args.epochs * windows
     start, elapsed = 0, 0.0
@@ -621,9 +645,11 @@ def generate(args, run, device):
             shares = write_samples(run, model, vocab, known, args, device, f"samples-{stamp}.md")
             return run.finish(parameters, f"samples-{stamp}.json", **shares)
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start, elapsed = state["step"], state["seconds"]
         set_random_state(state["random"])
     began = time.perf_counter() - elapsed
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     states = None                    # a resumed run starts its window from a fresh state: a small, one-off change
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"rnn {args.cell} generate")
     for step in bar:
@@ -633,22 +659,30 @@ def generate(args, run, device):
             states = None            # every pass starts the streams again from their beginnings
         t = window * args.bptt
         with common.autocast(args.amp, device):
-            logits, states = model(inputs[:, t:t + args.bptt].to(device), states)
+            logits, states = net(inputs[:, t:t + args.bptt].to(device), states)
         states = detach(states)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, t:t + args.bptt].flatten().to(device))
         common.check_finite(loss, step, "lower --lr or --clip")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         run.log(step + 1, "train", loss=loss.item(), bpc=loss.item() / math.log(2), grad_norm=grad_norm.item())
         bar.set_postfix(bpc=f"{loss.item() / math.log(2):.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val_bpc = bits_per_character(model, val_ids, args, device)
-            run.log(step + 1, "val", loss=val_bpc * math.log(2), bpc=val_bpc)
-            tqdm.write(f"step {step + 1}: validation {val_bpc:.3f} bits per character")
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
-                                vocabulary=vocab.itos, seconds=time.perf_counter() - began, random=random_state())
+            common.check_replicas(model, step + 1)
+            random = random_state()
+            if common.is_main():
+                val_bpc = bits_per_character(model, val_ids, args, device)
+                run.log(step + 1, "val", loss=val_bpc * math.log(2), bpc=val_bpc)
+                tqdm.write(f"step {step + 1}: validation {val_bpc:.3f} bits per character")
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict(), vocabulary=vocab.itos,
+                                    seconds=time.perf_counter() - began, random=random)
+    if not common.is_main():                        # under torchrun, rank 0 alone reports
+        return None
     train_minutes = (time.perf_counter() - began) / 60
     val_bpc, test_bpc = (bits_per_character(model, ids, args, device) for ids in (val_ids, test_ids))
     run.log(steps, "test", loss=test_bpc * math.log(2), bpc=test_bpc)
@@ -688,6 +722,8 @@ def ablate(args):
             common.fail(f"--ablate {flag}: cannot read {','.join(values)} as values of --{flag}")
     if args.sample_only:
         common.fail("--ablate trains; to sample one of its runs use --sample-only --name <ablation>/<variant>")
+    if common.world_size() > 1:
+        common.fail("--ablate runs in one process: start it with python, or each variant with torchrun")
     name = args.name or "ablation"
     root = Path(args.out) / "rnn" / name
     runs = []
@@ -793,8 +829,6 @@ def get_args(argv=None):
     g.add_argument("--clip", type=float, default=1.0, help="rescale the gradient to at most this norm")
     g.add_argument("--bptt", type=int, default=128, help="generate: characters per window of truncated BPTT")
     g.add_argument("--eval-batch-size", type=int, default=256, help="sequences per evaluation batch")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16")
     g = p.add_argument_group("generation and analysis")
     g.add_argument("--prime", default="The ", help="generate: the text that starts every sample")
     g.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[0.0, 0.5, 0.8, 1.0],

@@ -344,16 +344,19 @@ def train(args):
                   "decoder": common.count_parameters(model.decoder)}
     print(f"encoder: {parameters['encoder']:,} parameters, decoder: {parameters['decoder']:,} parameters")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = common.grad_scaler(args.amp, device)
     steps, start = common.total_steps(args, data.train), 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = state["step"]
     if args.sample_only:        # the figures' titles and sampling json report the objective it was trained with
         for key in OBJECTIVE_FLAGS:
             setattr(args, key, state["args"][key])
         return run, model, data, parameters, device, start
+    net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae")
     for step in bar:
@@ -361,15 +364,16 @@ def train(args):
         x, *_ = next(batches)
         x = x.to(device)
         with common.autocast(args.amp, device):
-            out, mu, logvar = model(x)
+            out, mu, logvar = net(x)
         recon = reconstruction_nll(out, x, args.recon, args.sigma)
         kl = kl_per_dimension(mu.float(), logvar.float())
         capacity = capacity_at(step, args)
         loss = objective(recon, kl, args.beta, capacity).mean()
         common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         stats = dict(loss=loss.item(), recon=recon.mean().item(), kl=kl.sum(1).mean().item())
         stats["neg_elbo"] = stats["recon"] + stats["kl"]
         if capacity is not None:
@@ -377,11 +381,14 @@ def train(args):
         run.log(step + 1, "train", **stats)
         bar.set_postfix(loss=f"{stats['loss']:.1f}", recon=f"{stats['recon']:.1f}", kl=f"{stats['kl']:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(model, data.val, args, device)
-            run.log(step + 1, "val", **val)
-            tqdm.write(f"step {step + 1}: validation -ELBO {val['neg_elbo']:.2f} = reconstruction "
-                       f"{val['recon']:.2f} + KL {val['kl']:.2f} nats per image")
-            run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict())
+            common.check_replicas(model, step + 1)
+            if common.is_main():
+                val = evaluate(model, data.val, args, device)
+                run.log(step + 1, "val", **val)
+                tqdm.write(f"step {step + 1}: validation -ELBO {val['neg_elbo']:.2f} = reconstruction "
+                           f"{val['recon']:.2f} + KL {val['kl']:.2f} nats per image")
+                run.save_checkpoint(step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict())
     return run, model, data, parameters, device, steps
 
 
@@ -515,6 +522,8 @@ def sweep(args):
     import matplotlib.pyplot as plt
     if args.sample_only:
         common.fail("--sweep-beta trains; to sample one of its runs again use --sample-only --name <sweep>/beta<b>")
+    if common.world_size() > 1:
+        common.fail("--sweep-beta runs in one process: start it with python, or each beta with torchrun")
     if min(args.sweep_beta) <= 0:
         common.fail("--sweep-beta needs betas above 0 (they are plotted on a log axis)")
     sweep_name = args.name or "beta-sweep"
@@ -580,9 +589,6 @@ def get_args(argv=None):
                    help="figures and metrics again from run --name's checkpoint (default: the latest run) for --seed")
     g.add_argument("--fid-samples", type=int, default=1000, help="prior samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast; auto: where the hardware has native bf16 (the loss stays in float32)")
     return p.parse_args(argv)
 
 
@@ -592,7 +598,9 @@ def main(argv=None):
     if args.sweep_beta:
         sweep(args)
     else:
-        report(*train(args), args)
+        trained = train(args)
+        if common.is_main():                          # under torchrun, rank 0 alone reports
+            report(*trained, args)
 
 
 if __name__ == "__main__":

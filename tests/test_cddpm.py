@@ -57,7 +57,7 @@ def trained():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(300):
-        l = cddpm.loss(model, x0, y, s, p_uncond=0.1)
+        l = cddpm.loss(model, x0, y, s, p_uncond=0.1, num_classes=K)
         opt.zero_grad()
         l.backward()
         opt.step()
@@ -137,7 +137,7 @@ def test_the_loss_trains_the_null_condition_at_the_dropout_rate(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(model, "forward", lambda x, t, c: seen.append(c) or torch.zeros_like(x))
     torch.manual_seed(0)
-    cddpm.loss(model, torch.zeros(4000, 3, 8, 8), torch.randint(0, K, (4000,)), cddpm.Schedule(20), 0.2)
+    cddpm.loss(model, torch.zeros(4000, 3, 8, 8), torch.randint(0, K, (4000,)), cddpm.Schedule(20), 0.2, K)
     assert abs(seen[0][:, K].mean().item() - 0.2) < 0.02
 
 
