@@ -208,6 +208,17 @@ def mean_over_processes(values):
     return values.cpu() / world_size()
 
 
+@contextlib.contextmanager
+def main_first():
+    """Under torchrun, rank 0 runs the block (downloads a dataset, writes a cache) before the others run it
+    (and read what it wrote): N processes writing the same files at once would trip over each other."""
+    if world_size() > 1 and not is_main():
+        torch.distributed.barrier()
+    yield
+    if world_size() > 1 and is_main():
+        torch.distributed.barrier()
+
+
 def gather(obj):
     """[every process's obj], in rank order (one process: [obj])."""
     if world_size() == 1:
@@ -733,7 +744,8 @@ def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=F
 def load_data(args, fields=("image", "label"), sizes=None):
     """Train (shuffled, seeded by --seed), validation and test loaders for the shared flags in `args`."""
     sizes = sizes or getattr(args, "split_sizes", None)
-    (train, val, test), classes = load_datasets(args.dataset, args.data_dir, args.image_size, fields, sizes)
+    with main_first():
+        (train, val, test), classes = load_datasets(args.dataset, args.data_dir, args.image_size, fields, sizes)
     if len(train) < args.batch_size:
         fail(f"the training set has {len(train)} images, fewer than --batch-size {args.batch_size}")
     loader = lambda d, shuffle: make_loader(d, args.batch_size, shuffle, args.num_workers, args.seed,

@@ -342,7 +342,8 @@ class SequenceSplit:
 
 def prepare_classification(args):
     """Splits as SequenceSplits, class names, and the vocabulary (None for audio)."""
-    data = common.load_sequences(args.dataset, args.data_dir, args.sample_rate)
+    with common.main_first():                 # under torchrun, rank 0 downloads before the others read
+        data = common.load_sequences(args.dataset, args.data_dir, args.sample_rate)
     limit = args.max_length or None
     if data.kind == "text":
         vocab = Vocabulary.build(data.splits[0][0], args.tokens, args.vocab_size)
@@ -617,7 +618,8 @@ def write_samples(run, model, vocab, known, args, device, filename):
 
 
 def generate(args, run, device):
-    texts = common.load_corpus(args.dataset, args.data_dir)
+    with common.main_first():                 # under torchrun, rank 0 downloads before the others read
+        texts = common.load_corpus(args.dataset, args.data_dir)
     vocab = Vocabulary.build([texts[0]], "char", None)
     train_ids, val_ids, test_ids = (vocab.encode(t, "char") for t in texts)
     known = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", texts[0])}
