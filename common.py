@@ -741,15 +741,19 @@ def make_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=F
                       num_workers=num_workers, persistent_workers=num_workers > 0, generator=g)
 
 
-def load_data(args, fields=("image", "label"), sizes=None):
-    """Train (shuffled, seeded by --seed), validation and test loaders for the shared flags in `args`."""
+def load_data(args, fields=("image", "label"), sizes=None, every_process=True):
+    """Train (shuffled, seeded by --seed), validation and test loaders for the shared flags in `args`.
+
+    Under torchrun a training script calls this in every process: rank 0 reads (or downloads) first, and the
+    training loader yields this process's shard of each batch. every_process=False is for a call from rank 0
+    alone (its evaluation's reference classifier): the whole batches, and no waiting for the others."""
     sizes = sizes or getattr(args, "split_sizes", None)
-    with main_first():
+    with main_first() if every_process else contextlib.nullcontext():
         (train, val, test), classes = load_datasets(args.dataset, args.data_dir, args.image_size, fields, sizes)
     if len(train) < args.batch_size:
         fail(f"the training set has {len(train)} images, fewer than --batch-size {args.batch_size}")
     loader = lambda d, shuffle: make_loader(d, args.batch_size, shuffle, args.num_workers, args.seed,
-                                            drop_last=shuffle, shard=shuffle)
+                                            drop_last=shuffle, shard=shuffle and every_process)
     channels = train[[0]][0].shape[1]
     return Data(loader(train, True), loader(val, False), loader(test, False), len(classes), classes, channels)
 
@@ -1405,7 +1409,7 @@ def _reference_classifier(args, device, steps):
         model.load_state_dict(state["model"])
         return model.eval(), state["test_accuracy"]
     data = load_data(argparse.Namespace(**{**vars(args), "batch_size": 128, "seed": 0, "num_workers": 0,
-                                            "split_sizes": None}))
+                                            "split_sizes": None}), every_process=False)
     print(f"training the reference classifier for {args.dataset} at {args.image_size}px ({steps} steps), "
           f"cached in {path}")
     model = train_classifier(data, steps, device, flip=args.dataset not in ("mnist-color", "svhn"))

@@ -578,6 +578,7 @@ def compare(args):
                                          "resume": (root / model / "ckpt.pt").exists()})
         common.check_sweep_run(root / model, run_args, SWEEP_FREE)
         runs.append((model, run_args))
+    common.get_device(args.device)                     # under torchrun: join the other processes before reading data
     data = None
     for model, run_args in runs:
         if not (root / model / "final.json").exists():
