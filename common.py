@@ -20,6 +20,7 @@ Command line:
 """
 import argparse
 import ast
+import atexit
 import contextlib
 import csv
 import datetime
@@ -159,6 +160,9 @@ def join_processes(name="auto"):
         # Rank 0 evaluates and samples while the others wait at their next gradient exchange: allow it an hour.
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=1))
+        # leave the group before the interpreter tears down: a process that exits with it still open (the
+        # others finish before rank 0's report) can abort in its destructors
+        atexit.register(torch.distributed.destroy_process_group)
     return device
 
 

@@ -4,6 +4,7 @@ continues exactly (each process with its own dropout masks), rank 0 alone writes
 and weights that drift apart stop the run. Also fp16's gradient scaler and autocast."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(tmp_path, script, *flags, processes=2):
-    """Run a script (a project script's name, or a path) under torchrun; returns the completed process."""
+    """Run a script (a project script's name, or a path) under torchrun; returns the completed process.
+
+    Known open problem: about one launch in ten under the whole suite's load, a process waiting in a Gloo
+    all-reduce aborts ("terminate called without an active exception", SIGABRT) in Gloo's C++ code; it was not
+    reproduced in 16 launches alone. Such a launch is retried once, from a clean output folder; any other failure
+    fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(common.CACHE_DIR)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(ROOT / script), *flags]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    before = set(tmp_path.rglob("*"))
+    for attempt in range(2):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            return result
+        for path in sorted(set(tmp_path.rglob("*")) - before, reverse=True):   # what the aborted launch made
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return result
 
 
 def records(run_dir, split="train"):
