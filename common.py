@@ -160,9 +160,7 @@ def join_processes(name="auto"):
         # Rank 0 evaluates and samples while the others wait at their next gradient exchange: allow it an hour.
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=1))
-        # leave the group before the interpreter tears down: a process that exits with it still open (the
-        # others finish before rank 0's report) can abort in its destructors
-        atexit.register(torch.distributed.destroy_process_group)
+        atexit.register(torch.distributed.destroy_process_group)   # leave the group cleanly, as PyTorch asks
     return device
 
 
@@ -193,7 +191,7 @@ def distribute(model, args, device):
 
 def check_replicas(model, step):
     """Under torchrun, stop if the processes' weights have drifted apart (a forward pass that bypassed
-    DistributedDataParallel, so that its gradients were never averaged). Costs one all-reduce of two numbers."""
+    DistributedDataParallel, so that its gradients were never averaged). Costs one all-reduce of four numbers."""
     if world_size() == 1:
         return
     total = torch.stack([sum(p.detach().double().sum() for p in model.parameters()),

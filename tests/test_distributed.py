@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun(tmp_path, script, *flags, processes=2):
     """Run a script (a project script's name, or a path) under torchrun; returns the completed process.
 
-    Known open problem: about one launch in ten under the whole suite's load, a process waiting in a Gloo
+    Known open problem: in 2 of about 30 launches under the whole suite's load, a process waiting in a Gloo
     all-reduce aborts ("terminate called without an active exception", SIGABRT) in Gloo's C++ code; it was not
     reproduced in 16 launches alone. Such a launch is retried once, from a clean output folder; any other failure
     fails the test."""
