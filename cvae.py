@@ -38,7 +38,19 @@ model's codes than on vae.py's (`class_probe_accuracy` in both final.json).
 
 Evaluation: the test ELBO terms; the Frechet distance and conditional accuracy (the share of samples drawn for class
 y that common.py's reference classifier labels y) of class-balanced prior samples, decoded as the mean image of
-p(x | z, y); what the classifier makes of the samples of each unseen condition.
+p(x | z, y), with z from N(0, I) and from the fitted prior below; what the classifier makes of the samples of each
+unseen condition.
+
+A prior fitted after training (`--prior-components K`, Ghosh et al. 2020's ex-post density estimation, the
+second stage of Dai & Wipf 2019). The ELBO asks the aggregate posterior q(z | y) = E_x q(z | x, y) of each class to
+match N(0, I), but it does not get there: the codes of a class fill the prior unevenly, so z ~ N(0, I) often lands
+where few training codes lie, and the decoder draws a blurred average of the shapes around it (likely culprits:
+poses that lie on a circle, like rotations, leave the circle's centre empty; README: lowering the prior's
+temperature makes samples worse, not better). So besides the N(0, I) samples, the evaluation fits a mixture of K
+full-covariance Gaussians by EM to the codes mu(x, y) of each class's training images, draws z from the mixture of
+the class asked for and decodes it. The decoder is unchanged: this only samples z where the decoder was trained.
+Memorising is the risk (one component per image would give back the training set), so the log-likelihood of the
+validation codes is reported beside the training codes': K should be where the validation likelihood peaks.
 
 Differences from Sohn et al.: their prior p(z | x) is a network too (they predict outputs from partial inputs);
 with a class label as the only condition, the fixed prior N(0, I) is the common choice (Kingma et al.'s M2).
@@ -213,6 +225,8 @@ def check_flags(args):
         common.fail("--latent-dim and --cond-dim must be at least 1")
     if args.fid_samples == 1 or args.fid_samples < 0 or args.eval_every < 1 or args.unseen_samples < 1:
         common.fail("need --fid-samples 0 or at least 2, --eval-every >= 1 and --unseen-samples >= 1")
+    if args.prior_components < 0:
+        common.fail(f"--prior-components must be 0 (off) or at least 1, got {args.prior_components}")
     stride2_layers(args.image_size)
 
 
@@ -319,14 +333,96 @@ def sample(model, v, seed, kind, device, shared_latents=False):
 
 
 @torch.no_grad()
-def encode_dataset(model, loader, device):
-    """Means mu(x, y) and labels of a split."""
+def encode_dataset(model, dataset, device, batch_size=500):
+    """Means mu(x, y) and labels of a split's dataset, in its own order (not the loader's shuffled one, so that
+    what is fitted to the codes does not depend on the data order)."""
     model.eval()
     mus, labels = [], []
-    for x, y in loader:
+    for start in range(0, len(dataset), batch_size):
+        x, y = dataset[torch.arange(start, min(start + batch_size, len(dataset)))]
         mus.append(model.encode(x.to(device), common.one_hot(y, model.num_classes).to(device))[0].float().cpu())
         labels.append(y)
     return torch.cat(mus), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- a prior fitted after training
+
+def fit_mixture(x, components, iterations=100, seed=0):
+    """Maximum-likelihood Gaussian mixture p(z) = sum_k w_k N(z; m_k, S_k) for the rows of x (N, d), by EM
+    (Dempster et al. 1977), in float64. Means start at `components` distinct rows drawn with `seed`, covariances
+    at the data's. Every iteration sets the responsibilities r_nk = w_k N(x_n; m_k, S_k) / p(x_n) (E step), then
+    w_k = sum_n r_nk / N, m_k = sum_n r_nk x_n / sum_n r_nk and S_k = the r-weighted covariance around m_k (M step).
+    A ridge of 1e-4 I on every covariance keeps a component from collapsing onto a few points. Returns log w (K,),
+    m (K, d) and the Cholesky factors of S (K, d, d)."""
+    x = x.double()
+    n, d = x.shape
+    if n < components:
+        common.fail(f"--prior-components {components} needs at least as many codes per class, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ridge = 1e-4 * torch.eye(d, dtype=x.dtype)
+    means, covariances = x[order[:components]], (torch.cov(x.T) + ridge).expand(components, d, d)
+    log_weights = torch.full((components,), -math.log(components), dtype=x.dtype)
+    for _ in range(iterations):
+        log_joint = mixture_log_joint(x, log_weights, means, torch.linalg.cholesky(covariances))   # (N, K)
+        r = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp()
+        mass = r.sum(0) + 1e-12
+        log_weights, means = (mass / n).log(), (r.T @ x) / mass[:, None]
+        centred = x - means[:, None, :]                                                              # (K, N, d)
+        covariances = (r.T[:, :, None] * centred).mT @ centred / mass[:, None, None] + ridge
+    return log_weights, means, torch.linalg.cholesky(covariances)
+
+
+def mixture_log_joint(x, log_weights, means, scale_trils):
+    """log w_k + log N(x_n; m_k, L_k L_k^T) for every row n and component k: (N, K). With u = L_k^-1 (x_n - m_k),
+    log N = -1/2 |u|^2 - sum_i log (L_k)_ii - d/2 log 2 pi (one triangular solve per component for all rows)."""
+    x = x.double()
+    u = torch.linalg.solve_triangular(scale_trils, (x - means[:, None, :]).mT, upper=False)          # (K, d, N)
+    log_det = scale_trils.diagonal(dim1=-2, dim2=-1).log().sum(-1)                                  # (K,)
+    log_normal = -0.5 * u.pow(2).sum(1) - log_det[:, None] - 0.5 * x.shape[1] * math.log(2 * math.pi)
+    return (log_normal + log_weights[:, None]).T
+
+
+def class_log_likelihood(mixtures, codes, labels):
+    """Mean log p(z_n | y_n) of codes under their classes' mixtures, in nats per code."""
+    return sum(mixture_log_joint(codes[labels == y], *mixtures[y]).logsumexp(1).sum().item()
+               for y in labels.unique().tolist()) / len(labels)
+
+
+def sample_mixture(mixture, n, generator):
+    """n draws from a mixture: a component k with probability w_k, then m_k + L_k eps with eps ~ N(0, I)."""
+    log_weights, means, scale_trils = mixture
+    k = torch.multinomial(log_weights.exp(), n, replacement=True, generator=generator)
+    eps = torch.randn(n, means.shape[1], 1, generator=generator, dtype=means.dtype)
+    return (means[k] + (scale_trils[k] @ eps)[..., 0]).float()
+
+
+def fit_class_priors(model, data, components, device):
+    """A mixture fitted to the codes mu(x, y) of each class's training images (ex-post density estimation: Ghosh
+    et al. 2020; Dai & Wipf 2019's second stage), and the mean log-likelihood of training and validation codes."""
+    train_mu, train_y = encode_dataset(model, data.train.dataset, device)
+    val_mu, val_y = encode_dataset(model, data.val.dataset, device)
+    fewest = int(torch.bincount(train_y, minlength=model.num_classes).min())
+    if fewest < 2:
+        common.fail(f"a class has {fewest} training images, too few to fit a prior to; use --prior-components 0")
+    if fewest < components:
+        print(f"--prior-components {components}: a class has {fewest} training codes, fitting {fewest} per class")
+        components = fewest
+    mixtures = [fit_mixture(train_mu[train_y == y], components) for y in range(model.num_classes)]
+    # far more likely training codes than validation codes would mean the mixture memorises images
+    return mixtures, {"components": components, "train": class_log_likelihood(mixtures, train_mu, train_y),
+                      "validation": class_log_likelihood(mixtures, val_mu, val_y)}
+
+
+@torch.no_grad()
+def sample_fitted(model, mixtures, labels, seed, kind, device):
+    """Mean images of p(x | z, y) for each label, with z drawn from the class's fitted mixture (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.zeros(len(labels), model.latent_dim)
+    for y in labels.unique().tolist():
+        rows = (labels == y).nonzero().flatten()
+        z[rows] = sample_mixture(mixtures[y], len(rows), g)
+    v = common.one_hot(labels, model.num_classes)
+    return torch.cat([decode(model, zb.to(device), vb, kind) for zb, vb in zip(z.split(500), v.split(500))])
 
 
 def figures(run, model, data, args, device, quality, suffix):
@@ -372,6 +468,21 @@ def figures(run, model, data, args, device, quality, suffix):
     return unseen
 
 
+def fitted_prior_metrics(model, mixtures, log_likelihood, quality, data, args, device):
+    """Frechet distance, conditional accuracy and diversity of --fid-samples class-balanced samples whose z come
+    from the fitted mixtures, and the mixtures' log-likelihoods."""
+    labels = torch.arange(args.fid_samples) % data.num_classes
+    samples = sample_fitted(model, mixtures, labels, args.seed, args.recon, device)
+    correct = quality.predict(samples) == labels
+    return {"components_per_class": log_likelihood["components"],
+            "log_likelihood_train_codes": log_likelihood["train"],
+            "log_likelihood_validation_codes": log_likelihood["validation"],
+            "frechet_distance": quality.frechet(samples), "conditional_accuracy": correct.float().mean().item(),
+            "conditional_accuracy_per_class": {name: round(correct[labels == y].float().mean().item(), 3)
+                                               for y, name in enumerate(data.classes)},
+            "diversity": quality.diversity(samples)}
+
+
 def report(run, model, data, parameters, device, steps, args):
     """Test ELBO terms, figures, the class information left in z, and the Frechet distance and conditional accuracy
     of --fid-samples class-balanced prior samples."""
@@ -383,8 +494,8 @@ def report(run, model, data, parameters, device, steps, args):
         metrics.update({f"test_{k}": v for k, v in test.items()})
         run.plot_panels(LOSS_PANELS, "terms.png")
         run.plot_losses("neg_elbo", "neg_elbo.png")
-    mu, labels = encode_dataset(model, data.test, device)
-    fit_mu, fit_labels = encode_dataset(model, data.val, device)        # the probe learns on validation codes
+    mu, labels = encode_dataset(model, data.test.dataset, device)
+    fit_mu, fit_labels = encode_dataset(model, data.val.dataset, device)    # the probe learns on validation codes
     metrics["active_units"] = int((mu.var(0) > ACTIVE_VARIANCE).sum())
     metrics["class_probe_accuracy"] = common.linear_probe(fit_mu, fit_labels, mu, labels)
     x = data.test.dataset[torch.arange(16) % len(data.test.dataset)]
@@ -409,6 +520,12 @@ def report(run, model, data, parameters, device, steps, args):
                                                      for y, name in enumerate(data.classes)}
         metrics["diversity"] = quality.diversity(samples)
         metrics["frechet_note"] = quality.describe(args.fid_samples) + ", class-balanced"
+    if args.fid_samples and args.prior_components:
+        mixtures, log_likelihood = fit_class_priors(model, data, args.prior_components, device)
+        metrics["fitted_prior"] = fitted_prior_metrics(model, mixtures, log_likelihood, quality, data, args, device)
+        rows = sample_fitted(model, mixtures, torch.arange(data.num_classes).repeat_interleave(FIGURE_COLUMNS),
+                             args.seed + 1, args.recon, device)
+        run.save_grid(rows, f"samples_fitted_prior{suffix}.png", nrow=FIGURE_COLUMNS)
     return run.finish(parameters, f"sampling{suffix}.json" if args.sample_only else "final.json",
                       step=steps, **metrics)
 
@@ -446,6 +563,9 @@ def get_args(argv=None):
     g.add_argument("--fid-samples", type=int, default=1000, help="class-balanced prior samples for the Frechet "
                                                                  "distance and conditional accuracy; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
+    g.add_argument("--prior-components", type=int, default=64,
+                   help="also sample z from a K-component Gaussian mixture per class fitted to the training codes "
+                        "after training (README: why); 0: only the N(0, I) prior")
     return p.parse_args(argv)
 
 

@@ -166,6 +166,60 @@ def test_embedding_condition_is_linear_in_the_condition_vector():
     assert torch.allclose(common.interpolate(1, 3, [0.0, 0.25, 1.0], 4)[1], torch.tensor([0.0, 0.75, 0.0, 0.25]))
 
 
+TRUE_MIXTURE = (torch.tensor([0.3, 0.7]).log().double(), torch.tensor([[-3.0, 0.0], [2.0, 1.0]]).double(),
+                torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.6, 0.0], [-0.3, 1.2]]]).double())
+
+
+def test_mixture_samples_have_the_mixture_mean_and_covariance():
+    """E z = sum_k w_k m_k and Cov z = sum_k w_k (S_k + m_k m_k^T) - E z E z^T."""
+    log_w, m, L = TRUE_MIXTURE
+    w = log_w.exp()
+    mean = w @ m
+    cov = torch.einsum("k,kij->ij", w, L @ L.mT + m[:, :, None] * m[:, None, :]) - mean[:, None] * mean[None, :]
+    z = cvae.sample_mixture(TRUE_MIXTURE, 200_000, torch.Generator().manual_seed(0)).double()
+    assert torch.allclose(z.mean(0), mean, atol=0.02) and torch.allclose(torch.cov(z.T), cov, atol=0.05)
+
+
+def test_mixture_log_joint_is_log_weight_plus_the_gaussian_log_density():
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0)).double()
+    log_w, m, L = TRUE_MIXTURE
+    expected = torch.stack([log_w[k] + torch.distributions.MultivariateNormal(m[k], scale_tril=L[k]).log_prob(x)
+                            for k in range(2)], 1)
+    assert torch.allclose(cvae.mixture_log_joint(x, *TRUE_MIXTURE), expected)
+
+
+def test_em_recovers_a_known_mixture_and_fits_its_data_at_least_as_well_as_the_truth():
+    x = cvae.sample_mixture(TRUE_MIXTURE, 4000, torch.Generator().manual_seed(1))
+    fit = cvae.fit_mixture(x, 2)
+    order = fit[1][:, 0].argsort()                      # components matched to the truth by their first coordinate
+    log_w, m, L = (t[order] for t in fit)
+    assert torch.allclose(log_w.exp(), TRUE_MIXTURE[0].exp(), atol=0.03)
+    assert torch.allclose(m, TRUE_MIXTURE[1], atol=0.1)
+    assert torch.allclose(L @ L.mT, TRUE_MIXTURE[2] @ TRUE_MIXTURE[2].mT, atol=0.15)
+    # maximum likelihood: on its own data no worse than the parameters that drew it
+    assert cvae.class_log_likelihood([fit], x, torch.zeros(len(x), dtype=torch.long)) >= \
+        cvae.class_log_likelihood([TRUE_MIXTURE], x, torch.zeros(len(x), dtype=torch.long))
+    with pytest.raises(SystemExit, match="--prior-components 5000 needs at least as many codes per class"):
+        cvae.fit_mixture(x, 5000)
+
+
+def test_fitted_prior_draws_each_label_from_its_own_mixture_under_a_seed():
+    """With mixtures far apart (class 0 near z = -5, class 1 near +5) and a decoder that paints z_0 everywhere,
+    every image drawn for label y shows class y's side, and the same seed gives the same images."""
+    class PaintFirstLatent(torch.nn.Module):
+        latent_dim, num_classes = 2, 2
+
+        def decode(self, z, v):
+            return ((z[:, :1] + 1) / 2)[:, :, None, None].expand(-1, 3, 4, 4)   # mean_image maps it back to z_0
+
+    tight = torch.linalg.cholesky(0.01 * torch.eye(2, dtype=torch.double)).expand(1, 2, 2)
+    mixtures = [(torch.zeros(1).double(), torch.tensor([[c, 0.0]]).double(), tight) for c in (-5.0, 5.0)]
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    images = cvae.sample_fitted(PaintFirstLatent(), mixtures, labels, 0, "gaussian", "cpu")
+    assert torch.equal(images[:, 0, 0, 0], 2.0 * labels - 1)              # clamped at -1 and +1
+    assert torch.equal(images, cvae.sample_fitted(PaintFirstLatent(), mixtures, labels, 0, "gaussian", "cpu"))
+
+
 def test_correlation_of_means_is_spurious_where_sampled_codes_are_not():
     """Two used dimensions (independent, sigma small) and two switched-off ones whose means share a tiny common
     wobble: the means call the dead pair perfectly correlated; the sampled codes, dominated by the posterior's unit
@@ -218,7 +272,7 @@ def test_mutual_information_and_mig_on_constructed_codes():
 def cli(module, tmp_path, *extra):
     return ["--image-size", "16", "--latent-dim", "4", "--channels", "8", "--hidden", "32", "--device", "cpu",
             "--split-sizes", "64,32,32", "--batch-size", "16", "--fid-samples", "40", "--out", str(tmp_path),
-            "--name", "t", *(["--unseen-samples", "10"] if module is cvae else []), *extra]
+            "--name", "t", *(["--unseen-samples", "10", "--prior-components", "2"] if module is cvae else []), *extra]
 
 
 @BOTH
@@ -269,6 +323,9 @@ def test_cli_resume_sample_only_and_mismatch(module, tmp_path):
     assert 0 <= final["class_probe_accuracy"] <= 1
     if module is cvae:
         assert 0 <= final["conditional_accuracy"] <= 1 and len(final["unseen_conditions"]) == 6
+        fitted = final["fitted_prior"]
+        assert fitted["components_per_class"] == 2 and 0 <= fitted["conditional_accuracy"] <= 1
+        assert (run / "samples_fitted_prior.png").exists()
     else:
         assert len(final["kl_per_dim"]) == 4 and 0 <= final["mig"] <= 1 and set(final["mig_per_factor"]) == \
             set(vae.MIG_FACTORS)
@@ -302,6 +359,8 @@ def test_bad_flags_fail_clearly(module, tmp_path):
             module.main(cli(module, tmp_path, "--cond", "table", "--steps", "1"))
         with pytest.raises(SystemExit, match="--interpolate takes two class indices"):
             module.main(cli(module, tmp_path, "--interpolate", "0,12", "--steps", "1"))
+        with pytest.raises(SystemExit, match="--prior-components must be 0"):
+            module.main(cli(module, tmp_path, "--prior-components", "-1", "--steps", "1"))
     else:
         with pytest.raises(SystemExit, match="--latent-dim must be at least 2"):
             module.main(cli(module, tmp_path, "--latent-dim", "1", "--steps", "1"))
