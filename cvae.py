@@ -348,12 +348,12 @@ def encode_dataset(model, dataset, device, batch_size=500):
 # ----------------------------------------------------------------------------- a prior fitted after training
 
 def fit_mixture(x, components, iterations=100, seed=0):
-    """Maximum-likelihood Gaussian mixture p(z) = sum_k w_k N(z; m_k, S_k) for the rows of x (N, d), by EM
+    """A Gaussian mixture p(z) = sum_k w_k N(z; m_k, S_k) fitted to the rows of x (N, d) by EM
     (Dempster et al. 1977), in float64. Means start at `components` distinct rows drawn with `seed`, covariances
     at the data's. Every iteration sets the responsibilities r_nk = w_k N(x_n; m_k, S_k) / p(x_n) (E step), then
     w_k = sum_n r_nk / N, m_k = sum_n r_nk x_n / sum_n r_nk and S_k = the r-weighted covariance around m_k (M step).
-    A ridge of 1e-4 I on every covariance keeps a component from collapsing onto a few points. Returns log w (K,),
-    m (K, d) and the Cholesky factors of S (K, d, d)."""
+    A ridge of 1e-4 I on every covariance keeps it invertible when a component holds fewer than d + 1 points.
+    Returns log w (K,), m (K, d) and the Cholesky factors of S (K, d, d)."""
     x = x.double()
     n, d = x.shape
     if n < components:
@@ -365,7 +365,7 @@ def fit_mixture(x, components, iterations=100, seed=0):
     for _ in range(iterations):
         log_joint = mixture_log_joint(x, log_weights, means, torch.linalg.cholesky(covariances))   # (N, K)
         r = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp()
-        mass = r.sum(0) + 1e-12
+        mass = r.sum(0) + 1e-12                     # an emptied component keeps weight ~0 rather than dividing by 0
         log_weights, means = (mass / n).log(), (r.T @ x) / mass[:, None]
         centred = x - means[:, None, :]                                                              # (K, N, d)
         covariances = (r.T[:, :, None] * centred).mT @ centred / mass[:, None, None] + ridge
@@ -405,7 +405,8 @@ def fit_class_priors(model, data, components, device):
     if fewest < 2:
         common.fail(f"a class has {fewest} training images, too few to fit a prior to; use --prior-components 0")
     if fewest < components:
-        print(f"--prior-components {components}: a class has {fewest} training codes, fitting {fewest} per class")
+        print(f"--prior-components {components}: a class has {fewest} training codes, fitting {fewest} per class "
+              "(about a component per code: such a prior gives back near-copies of training images)")
         components = fewest
     mixtures = [fit_mixture(train_mu[train_y == y], components) for y in range(model.num_classes)]
     # far more likely training codes than validation codes would mean the mixture memorises images
@@ -565,7 +566,7 @@ def get_args(argv=None):
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
     g.add_argument("--prior-components", type=int, default=64,
                    help="also sample z from a K-component Gaussian mixture per class fitted to the training codes "
-                        "after training (README: why); 0: only the N(0, I) prior")
+                        "after training (README: why); 0, or --fid-samples 0: only the N(0, I) prior")
     return p.parse_args(argv)
 
 
