@@ -10,8 +10,8 @@ Distill (upsampling + convolution instead of transposed convolution); Wang et al
 
     python autoencoder.py                                   # restore 6 distortions, 128-d bottleneck (README: time)
     python autoencoder.py --task denoise --latent-dim 0 --skip concat    # a U-Net-style denoiser
-    python autoencoder.py --task segment --latent-dim 0 --skip add       # shape masks of the shapes set
-    python autoencoder.py --sweep latent_dim=2,8,32,128,512 --distort none --pretrain-fractions none  # PSNR vs d
+    python autoencoder.py --task segment --latent-dim 0 --skip concat    # shape masks of the shapes set
+    python autoencoder.py --sweep latent_dim=2,8,32,128,512,0 --distort none --pretrain-fractions none --steps 2000
     python autoencoder.py --sweep skip=none,add,concat --task denoise --latent-dim 0    # U-Net skips or none
     python autoencoder.py --eval-only --name <run> --test-distort noise:0.4    # a strength it never saw
                                       # (--eval-only: repeat the run's model flags, e.g. --latent-dim)
@@ -62,7 +62,7 @@ the skip from the encoder stage at the same resolution, then a 3x3 convolution:
     --skip concat   W [h; s] + b             (a 1x1 convolution of the concatenation, U-Net-like)
 
 The concatenation's 1x1 convolution W = [W_h W_s] can express the sum (W_h = W_s = I, b = 0) and more: it is
-the sum with learned weights, W_h h + W_s s. That costs 2c^2 + c parameters per stage, 2.4% of the default
+the sum with learned weights, W_h h + W_s s. That costs 2c^2 + c parameters per stage, 2.5% of the default
 fully convolutional network, while widening a network by one channel adds about 13%: at the same --channels
 the three variants are as close in size as whole channels allow, and a --sweep over skip reports each count.
 Skips carry detail around the bottleneck: a bottleneck sweep is only meaningful without them (the script
