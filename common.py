@@ -1059,7 +1059,8 @@ class Run:
     files.
 
     Under torchrun every process opens the same directory (rank 0's name), but only rank 0 writes to it: the
-    others' `log` and `write_args` do nothing, and the scripts leave evaluation and sampling to rank 0."""
+    others' `log` and `write_args` do nothing, and the scripts leave evaluation and sampling to rank 0; any other
+    writing method called on another process stops it with an error (`check_writer`)."""
 
     def __init__(self, script, args, reopen=False, reopen_flag="--sample-only"):
         root = Path(args.out) / script
@@ -1117,8 +1118,15 @@ class Run:
         path = self.dir / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def check_writer(self, filename):
+        """Rank 0 alone writes a run's files: a script that asks another process to write one has a bug (the
+        processes would overwrite each other's files), so it stops here rather than passing unnoticed."""
+        if not self.main:
+            raise RuntimeError(f"process {rank()} was asked to write {filename}: only rank 0 writes a run's files")
+
     def save_checkpoint(self, step, **state):
         """Write {"step", "args", **state} atomically: a killed run leaves the previous checkpoint intact."""
+        self.check_writer(self.ckpt_path.name)
         save_atomic({"step": step, "args": vars(self.args), **state}, self.ckpt_path)
 
     def load_checkpoint(self, model_flags, device):
@@ -1138,6 +1146,7 @@ class Run:
 
     def save_grid(self, images, filename, nrow=8):
         """Save images in [-1, 1] as a PNG grid in the run directory; returns its path."""
+        self.check_writer(filename)
         path = self.dir / filename
         torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True,
                                      value_range=(-1, 1), pad_value=1.0)
@@ -1145,6 +1154,7 @@ class Run:
 
     def save_labelled_grid(self, rows, filename, row_labels, column_labels, title=""):
         """A grid with one row per tensor (n, C, H, W) in [-1, 1], rows and columns labelled; returns its path."""
+        self.check_writer(filename)
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -1167,6 +1177,7 @@ class Run:
 
     def plot_losses(self, key="loss", filename="loss.png"):
         """Train (raw and smoothed), validation and test `key` against optimiser steps; nothing if none logged."""
+        self.check_writer(filename)
         records = [r for r in self.metrics() if key in r]
         if not records:
             return
@@ -1194,6 +1205,7 @@ class Run:
     def plot_panels(self, panels, filename, log_scale=()):
         """Side-by-side panels {title: metric keys} against optimiser steps: per-step train series raw and smoothed
         (EMA 0.98), sparser ones (logged at fewer than a tenth of the steps) as lines, validation values as dots."""
+        self.check_writer(filename)
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -1224,6 +1236,7 @@ class Run:
     def finish(self, parameters, filename="final.json", **metrics):
         """Write final.json (parameter count and final metrics; a reopened run names its own file) and the loss
         plot; print them."""
+        self.check_writer(filename)
         final = {"parameters": parameters,
                  **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}}
         (self.dir / filename).write_text(json.dumps(final, indent=2))

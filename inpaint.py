@@ -498,6 +498,8 @@ def get_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0 < args.fraction < 1:
         p.error(f"--fraction must be between 0 and 1 (the share of pixels to fill in), got {args.fraction}")
+    if common.world_size() > 1:
+        p.error("inpaint.py runs in one process (it fits one image at a time): start it with python, not torchrun")
     return args
 
 

@@ -898,6 +898,8 @@ def get_args(argv=None):
         fail(f"--mix-min and --mix-max must satisfy 0 <= min <= max <= 1, got {args.mix_min}, {args.mix_max}")
     if args.candidates is not None and args.candidates < GRID:
         fail(f"--candidates must be at least {GRID} (the grid), got {args.candidates}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("pegasus.py runs in one process: start it with python, not torchrun")
     return args
 
 

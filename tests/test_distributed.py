@@ -2,6 +2,8 @@
 2-process run follows a 1-process run's loss trajectory at the same global batch, a resumed 2-process run
 continues exactly (each process with its own dropout masks), rank 0 alone writes, every training script runs,
 and weights that drift apart stop the run. Also fp16's gradient scaler and autocast."""
+import argparse
+import itertools
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import torch
 
 import common
 import dynconv
+import rnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +65,37 @@ def test_the_shards_of_the_processes_make_up_the_global_batches(monkeypatch):
     for step, batch in enumerate(single):
         assert all(len(s[step]) == 2 for s in shards)
         assert torch.equal(torch.stack([s[step] for s in shards], 1).flatten(), batch)   # rank r: every 4th from r
+
+
+def test_rnn_processes_take_their_shards_of_the_same_epoch_batches(monkeypatch):
+    """The 2-process rnn run matches the 1-process one even if every process trained on the whole batch (the
+    averaged gradient would be the same), so the sharding of rnn.py's own batches is checked here."""
+    split = rnn.SequenceSplit([torch.zeros(n % 7 + 1, dtype=torch.long) for n in range(40)], torch.arange(40))
+    args = argparse.Namespace(batch_size=8, seed=3)
+    as_rank(monkeypatch, 0, 1)
+    single = list(itertools.islice(rnn.epoch_batches(split, args, start=2), 12))    # into the third epoch
+    shards = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        shards.append(list(itertools.islice(rnn.epoch_batches(split, args, start=2), 12)))
+    for step, batch in enumerate(single):
+        assert [len(s[step]) for s in shards] == [4, 4]
+        assert torch.equal(torch.stack([s[step] for s in shards], 1).flatten(), batch)
+
+
+def test_only_rank_0_may_write_a_runs_files(tmp_path):
+    run = common.Run("test", argparse.Namespace(out=tmp_path, name="r", resume=False))
+    run.main = False                                                    # what is_main() gives on rank 1
+    writers = {"ckpt.pt": lambda: run.save_checkpoint(1, model={}),
+               "g.png": lambda: run.save_grid(torch.zeros(1, 3, 4, 4), "g.png"),
+               "l.png": lambda: run.save_labelled_grid([torch.zeros(1, 3, 4, 4)], "l.png", ["a"], ["b"]),
+               "loss.png": lambda: run.plot_losses(),
+               "p.png": lambda: run.plot_panels({"loss": ["loss"]}, "p.png"),
+               "final.json": lambda: run.finish({})}
+    for filename, write in writers.items():
+        with pytest.raises(RuntimeError, match=f"asked to write {filename}: only rank 0"):
+            write()
+    assert sorted(p.name for p in run.dir.iterdir()) == ["args.json"]
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(monkeypatch):

@@ -44,6 +44,13 @@ def test_which_half_is_hidden_and_boxes_move():
         inpaint.make_mask("center", 1, 16, fraction=1.5)
 
 
+def test_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        inpaint.get_args([])
+    assert "inpaint.py runs in one process" in capsys.readouterr().err
+
+
 def test_resampling_path():
     assert inpaint.resampling_path(6, 2, 1) == [0, 1, 2, 3, 4, 5]         # r = 1: straight down (replace)
     path = inpaint.resampling_path(6, 2, 3)

@@ -122,6 +122,12 @@ def test_bf16_autocast_trains_and_samples(cifar_folder, tmp_path):
     assert all(torch.isfinite(torch.tensor([h["loss_d"], h["loss_g"]])).all() for h in state["gan_history"])
 
 
+def test_torchrun_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="pegasus.py runs in one process"):
+        pegasus.get_args([])
+
+
 def test_hinge_losses():
     zero = torch.zeros(5)
     assert pegasus.d_hinge_loss(zero, zero).item() == 2 and pegasus.g_hinge_loss(zero).item() == 0

@@ -275,6 +275,13 @@ def cli(module, tmp_path, *extra):
             "--name", "t", *(["--unseen-samples", "10", "--prior-components", "2"] if module is cvae else []), *extra]
 
 
+def test_fp16_autocast_trains_with_its_gradient_scaler(tmp_path):
+    run, *_ = vae.train(vae.get_args(cli(vae, tmp_path, "--steps", "3", "--eval-every", "3", "--amp", "fp16")))
+    losses = [r["loss"] for r in run.metrics() if r["split"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert torch.load(run.ckpt_path, weights_only=False)["scaler"]["scale"] > 0   # {} for a disabled scaler
+
+
 @BOTH
 def test_sampling_and_training_are_deterministic_under_a_seed(module, tmp_path):
     states = []
