@@ -203,6 +203,18 @@ def test_em_recovers_a_known_mixture_and_fits_its_data_at_least_as_well_as_the_t
         cvae.fit_mixture(x, 5000)
 
 
+def test_em_stops_once_an_iteration_gains_less_than_the_tolerance():
+    x = cvae.sample_mixture(TRUE_MIXTURE, 2000, torch.Generator().manual_seed(2))
+    labels = torch.zeros(len(x), dtype=torch.long)
+    converged = cvae.class_log_likelihood([cvae.fit_mixture(x, 4, iterations=300, tolerance=0)], x, labels)
+    stopped = cvae.class_log_likelihood([cvae.fit_mixture(x, 4)], x, labels)
+    first = cvae.class_log_likelihood([cvae.fit_mixture(x, 4, iterations=1)], x, labels)
+    assert converged - 0.01 < stopped <= converged + 1e-9 and first < converged - 0.05
+    # a tolerance no iteration meets stops the fit after its first update
+    assert all(torch.equal(a, b) for a, b in zip(cvae.fit_mixture(x, 4, tolerance=1e9),
+                                                 cvae.fit_mixture(x, 4, iterations=1)))
+
+
 def test_fitted_prior_draws_each_label_from_its_own_mixture_under_a_seed():
     """With mixtures far apart (class 0 near z = -5, class 1 near +5) and a decoder that paints z_0 everywhere,
     every image drawn for label y shows class y's side, and the same seed gives the same images."""
@@ -402,7 +414,7 @@ def test_shapes_and_default_parameter_counts(cond):
     args = module.get_args([] if cond is None else ["--cond", cond])
     model = module.build(args, 3) if cond is None else module.build(args, K, 3)
     counts = {"encoder": common.count_parameters(model.encoder), "decoder": common.count_parameters(model.decoder)}
-    expected = {None: (695_284, 694_627), "onehot": (697_844, 697_187), "embedding": (711_668, 711_011)}[cond]
+    expected = {None: (695_284, 694_627), "onehot": (702_984, 699_747), "embedding": (716_808, 713_571)}[cond]
     assert (counts["encoder"], counts["decoder"]) == expected
     for size in (16, 32):
         args.image_size = size
@@ -410,4 +422,4 @@ def test_shapes_and_default_parameter_counts(cond):
         x = torch.rand(5, 3, size, size) * 2 - 1
         inputs = (x,) if cond is None else (x, common.one_hot(torch.arange(5), K))
         out, mu, logvar = model(*inputs)
-        assert out.shape == x.shape and mu.shape == logvar.shape == (5, 10)
+        assert out.shape == x.shape and mu.shape == logvar.shape == (5, 10 if cond is None else 20)
