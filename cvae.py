@@ -372,9 +372,10 @@ def fit_mixture(x, components, iterations=200, tolerance=1e-3, seed=0):
     for _ in range(iterations):
         log_joint = mixture_log_joint(x, log_weights, means, torch.linalg.cholesky(covariances))   # (N, K)
         log_likelihood = log_joint.logsumexp(1, keepdim=True)                                      # log p(x_n)
-        if log_likelihood.mean().item() - previous < tolerance:
+        mean = log_likelihood.mean().item()
+        if mean - previous < tolerance:
             break
-        previous = log_likelihood.mean().item()
+        previous = mean
         r = (log_joint - log_likelihood).exp()
         mass = r.sum(0) + 1e-12                     # an emptied component keeps weight ~0 rather than dividing by 0
         log_weights, means = (mass / n).log(), (r.T @ x) / mass[:, None]
