@@ -7,7 +7,7 @@ norm); the DCGAN networks, objectives and balance tricks of gan.py (Radford et a
 Mao et al. 2017; Miyato et al. 2018; Heusel et al. 2017; Salimans et al. 2016; Sonderby et al. 2017;
 Mescheder et al. 2018), the same as there.
 
-    python cgan.py                                   # embedded shapes, 32px (see README for time and results)
+    python cgan.py                                   # embedded shapes, 16px, 10,000 steps (README: time, results)
     python cgan.py --d-cond projection               # projection D instead of the auxiliary classifier
     python cgan.py --g-cond concat --d-cond concat   # Mirza & Osindero's conditioning by concatenation
     python cgan.py --sample-only --name <run>        # samples and figures again from a run's checkpoint
@@ -42,6 +42,12 @@ left as blobs): 25% conditional accuracy by a classifier of real images, for FD 
 
 Evaluation: Frechet distance and conditional accuracy, the share of samples drawn for class y that common.py's
 reference classifier labels y, on --fid-samples class-balanced samples.
+
+Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 10,000 steps: at 16px a step costs a
+quarter of one at 32px, and in the trials conditional accuracy followed D's classifier: G is pushed towards a class
+only as well as D tells the classes apart (D's accuracy on real test images: 65% at 16px with gan.py's D, 97% with
+these defaults). In about the same 17 minutes this reaches 67% conditional accuracy, against 41% for 4,000 steps of
+gan.py's 32px setting (README: the trials behind it).
 
 Differences from the papers: DCGAN-sized networks (Miyato & Koyama use ResNets with spectral norm); AC-GAN's D
 learns the classes from real images only unless `--acgan-on-fakes` (see above).
@@ -564,12 +570,13 @@ def report(run, ema, G, D, data, parameters, device, steps, args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Class-conditional DCGAN (Mirza & Osindero 2014) with a projection "
                                             "(Miyato & Koyama 2018), AC-GAN (Odena et al. 2017) or concatenation D")
-    common.add_shared_flags(p, batch_size=64, lr=2e-4, steps=4000, eval_every=500, image_size=32)
+    common.add_shared_flags(p, batch_size=64, lr=2e-4, steps=10000, eval_every=1000, image_size=16)
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=100, help="dimension of z (DCGAN: 100)")
     g.add_argument("--g-channels", type=int, default=64,
                    help="G's channels before the output layer (DCGAN: 128 at 64px)")
-    g.add_argument("--d-channels", type=int, default=64, help="D's channels after the first layer (DCGAN: 128 at 64px)")
+    g.add_argument("--d-channels", type=int, default=128,
+                   help="D's channels after the first layer (DCGAN: 128 at 64px; here twice G's: a better classifier)")
     g.add_argument("--cond", default="embedding", help="condition encoder of G: embedding (a table, linear in c) or "
                                                        "onehot (an MLP on the one-hot vector)")
     g.add_argument("--cond-dim", type=int, default=64, help="dimension of G's condition embedding")
@@ -579,7 +586,7 @@ def get_args(argv=None):
                                                      "best conditional accuracy on shapes, see README)")
     g = p.add_argument_group("objective and balance")
     g.add_argument("--loss", default="nonsat", help="minimax, nonsat (default, Goodfellow et al. Sec. 3), hinge or ls")
-    g.add_argument("--acgan-weight", type=float, default=1.0, help="lambda of AC-GAN's class losses (--d-cond acgan)")
+    g.add_argument("--acgan-weight", type=float, default=3.0, help="lambda of AC-GAN's class losses (--d-cond acgan)")
     g.add_argument("--acgan-on-fakes", type=int, default=0, choices=(0, 1),
                    help="1: D's classifier also learns from fakes, as in Odena et al. (lets D and G agree on a code)")
     g.add_argument("--lr-d", type=float, default=2e-4, help="D's learning rate (--lr is G's; DCGAN: 2e-4 for both; "

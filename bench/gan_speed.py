@@ -28,8 +28,10 @@ VARIANTS = {    # name: (script, extra flags, channels_last)
     "gan bf16 autocast + channels_last": (gan, ["--amp", "bf16"], True),
     "gan fp32, spectral norm in D": (gan, ["--spectral-norm"], False),
     "gan fp32, R1 penalty (double backward)": (gan, ["--r1", "1"], False),
-    "cgan fp32, cbn G + projection D": (cgan, ["--d-cond", "projection"], False),
-    "cgan fp32, cbn G + acgan D": (cgan, ["--d-cond", "acgan"], False),
+    # gan.py's 64-channel D, so that these rows measure what conditioning costs (cgan.py's default D has 128)
+    "cgan fp32, cbn G + projection D": (cgan, ["--d-cond", "projection", "--d-channels", "64"], False),
+    "cgan fp32, cbn G + acgan D": (cgan, ["--d-cond", "acgan", "--d-channels", "64"], False),
+    "cgan fp32, cbn G + acgan D, 128-channel D": (cgan, ["--d-cond", "acgan"], False),
 }
 
 

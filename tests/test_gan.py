@@ -366,7 +366,8 @@ def test_bad_flags_fail_clearly(module, tmp_path):
 
 
 def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
-    """D's class term with --acgan-on-fakes 1, minus that with 0, is exactly the cross-entropy of the fake batch."""
+    """D's class term with --acgan-on-fakes 1, minus that with 0, is exactly lambda times the cross-entropy of the
+    fake batch."""
     x, y = tiny_data(16)
     c = common.one_hot(y, 2)
     losses = {}
@@ -384,4 +385,4 @@ def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
         fake = G(torch.randn(16, G.latent_dim), c)
         D.train()(x, c)                                 # the real batch's pass, as in d_step (batch norm state)
         expected = cgan.class_loss(D(fake, c)[1], c).item()
-    assert losses[1] - losses[0] == pytest.approx(expected, rel=1e-4)
+    assert losses[1] - losses[0] == pytest.approx(args.acgan_weight * expected, rel=1e-4)
