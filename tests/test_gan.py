@@ -373,7 +373,7 @@ def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
     losses = {}
     for on_fakes in (0, 1):
         torch.manual_seed(0)
-        args = tiny_args(cgan, d_cond="acgan", acgan_on_fakes=on_fakes)
+        args = tiny_args(cgan, d_cond="acgan", acgan_on_fakes=on_fakes, acgan_weight=2.5)
         G, D = cgan.build(args, 2, 3)
         opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
         torch.manual_seed(1)
