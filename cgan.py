@@ -40,14 +40,24 @@ so D's classifier learns the classes from real images only and G must make image
 G can agree on any code that separates the fakes. On shapes they agreed on colour (a colour per class, shapes
 left as blobs): 25% conditional accuracy by a classifier of real images, for FD 31 (README).
 
+Mode seeking (Mao et al. 2019, "Mode Seeking GANs", arXiv:1903.05628; `--mode-seeking lambda_ms`). AC-GAN's G
+tends to draw each class one way (on shapes, in one colour): any image D's classifier calls y satisfies the class
+term, and D's adversarial logit, which does not see the class, cannot tell that all of class y look alike. MSGAN
+pairs latents under one condition (the G batch's second half repeats the first half's conditions) and adds
+    L_G += lambda_ms / (mean|G(z_1, c) - G(z_2, c)| / mean|z_1 - z_2| + eps),    eps = 1e-5,
+small when distinct latents give distinct images. On shapes it brings the colours back and costs accuracy (README).
+
 Evaluation: Frechet distance and conditional accuracy, the share of samples drawn for class y that common.py's
-reference classifier labels y, on --fid-samples class-balanced samples.
+reference classifier labels y, on --fid-samples class-balanced samples; and their within-class diversity, the mean
+pairwise pixel distance among one class's samples averaged over the classes, as a share of the same for the test
+images (1: as varied within a class as the data; it sees colour, which the classifier's features mostly ignore).
 
 Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 10,000 steps: at 16px a step costs a
 quarter of one at 32px, and in the trials conditional accuracy followed D's classifier: G is pushed towards a class
 only as well as D tells the classes apart (D's accuracy on real test images at 16px: 83% after 12,000 steps with
-gan.py's D and lambda 1, 97% after 10,000 with these defaults). In about the same 17 minutes this reaches 67% conditional accuracy, against 41% for 4,000 steps of
-gan.py's 32px setting (README: the trials behind it).
+gan.py's D and lambda 1, 97% after 10,000 with these defaults). In about the same 17 minutes this reaches 67%
+conditional accuracy, against 41% for 4,000 steps of gan.py's 32px setting, and 75% when trained on to 25,000 steps
+(README: the trials behind it).
 
 Differences from the papers: DCGAN-sized networks (Miyato & Koyama use ResNets with spectral norm); AC-GAN's D
 learns the classes from real images only unless `--acgan-on-fakes` (see above).
@@ -292,6 +302,14 @@ def pixel_diversity(images):
     return torch.pdist(flat).mean().item()
 
 
+def within_class_diversity(images, labels, max_per_class=500):
+    """pixel_diversity among the images of one class (its first max_per_class), averaged over the classes with at
+    least two images: what collapse within a class lowers, even while the classes still differ from each other."""
+    per_class = [pixel_diversity(images[labels == y][:max_per_class])
+                 for y in labels.unique() if (labels == y).sum() > 1]
+    return sum(per_class) / len(per_class)
+
+
 # ----------------------------------------------------------------------------- training
 
 def build(args, num_classes, channels):
@@ -307,6 +325,8 @@ def check_flags(args):
         common.fail("--label-smoothing changes the real target of a BCE or least-squares D; hinge has no target")
     if not 0 <= args.label_smoothing < 1 or args.d_steps < 1 or args.instance_noise < 0 or args.r1 < 0:
         common.fail("need 0 <= --label-smoothing < 1, --d-steps >= 1, --instance-noise >= 0 and --r1 >= 0")
+    if args.mode_seeking < 0 or (args.mode_seeking and args.batch_size < 2):
+        common.fail("need --mode-seeking >= 0, and --batch-size >= 2 with it (its latents come in pairs)")
     for flag, value, choices in (("--cond", args.cond, ("embedding", "onehot")),
                                  ("--g-cond", args.g_cond, ("concat", "cbn")),
                                  ("--d-cond", args.d_cond, ("concat", "projection", "acgan"))):
@@ -356,14 +376,20 @@ def d_step(G, D, opt_d, x, c, args, sigma, scaler=None):
 
 
 def g_step(G, D, opt_g, c, args, sigma, scaler=None):
-    """One step on L_G for a fresh fake batch with conditions c; D's weights are frozen for it."""
+    """One step on L_G (+ AC-GAN's class term, + the mode-seeking term) for a fresh fake batch with conditions c;
+    D's weights are frozen for it."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     D.requires_grad_(False)
+    if args.mode_seeking:           # pairs (z_1, z_2) for one condition: the batch's second half repeats the first's
+        c = c[:len(c) // 2].repeat(2, 1)
     z = torch.randn(len(c), args.latent_dim, device=c.device)
     with common.autocast(args.amp, c.device):
-        l_fake, k_fake = D(with_noise(G(z, c), sigma), c)
+        fake = G(z, c)
+        l_fake, k_fake = D(with_noise(fake, sigma), c)
         adversarial = g_loss(l_fake.float(), args.loss)
         loss = adversarial + args.acgan_weight * class_loss(k_fake, c)
+        if args.mode_seeking:
+            loss = loss + args.mode_seeking * mode_seeking_loss(fake.float(), z)
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt_g)
@@ -371,6 +397,14 @@ def g_step(G, D, opt_g, c, args, sigma, scaler=None):
     scaler.update()
     D.requires_grad_(True)
     return dict(loss_g=adversarial, grad_norm_g=grad_norm(G))
+
+
+def mode_seeking_loss(fake, z, eps=1e-5):
+    """MSGAN's term 1 / (mean|G(z_1, c) - G(z_2, c)| / mean|z_1 - z_2| + eps) for a batch whose halves pair z_1 with
+    z_2 under the same conditions: small when distinct latents give distinct images."""
+    half = len(z) // 2
+    ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean()
+    return 1 / (ratio + eps)
 
 
 def grad_norm(module):
@@ -541,8 +575,8 @@ def figures(run, ema, data, args, device, quality, suffix):
 
 
 def report(run, ema, G, D, data, parameters, device, steps, args):
-    """Figures; Frechet distance, conditional accuracy and diversity of --fid-samples class-balanced EMA samples;
-    D's losses on the test split."""
+    """Figures; Frechet distance, conditional accuracy, diversity and within-class diversity (as a share of the
+    test images') of --fid-samples class-balanced EMA samples; D's losses on the test split."""
     suffix = f"_seed{args.seed}" if args.sample_only else ""
     metrics = {}
     if not args.sample_only:
@@ -562,6 +596,10 @@ def report(run, ema, G, D, data, parameters, device, steps, args):
         metrics["frechet_distance"] = quality.frechet(samples)
         metrics["conditional_accuracy"] = quality.conditional_accuracy(samples, labels)
         metrics["diversity"] = quality.diversity(samples)
+        if args.fid_samples > data.num_classes:             # some class has two samples to compare
+            real, real_labels = (torch.cat(batches) for batches in zip(*data.test))     # the whole test split
+            metrics["within_class_diversity"] = (within_class_diversity(samples, labels)
+                                                 / within_class_diversity(real, real_labels))
         metrics["frechet_note"] = quality.describe(args.fid_samples) + ", class-balanced"
     return run.finish(parameters, f"sampling{suffix}.json" if args.sample_only else "final.json",
                       step=steps, **metrics)
@@ -599,6 +637,8 @@ def get_args(argv=None):
                    help="std of Gaussian noise on D's inputs at step 0, annealed linearly to 0 (images in [-1, 1])")
     g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation of D's layers (no batch norm)")
     g.add_argument("--r1", type=float, default=0.0, help="gamma of the R1 penalty gamma/2 E||grad D(x)||^2; 0: off")
+    g.add_argument("--mode-seeking", type=float, default=0.0,
+                   help="lambda of MSGAN's mode-seeking term in L_G (Mao et al. 2019: 1); 0: off")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of G's weights used for sampling; 0: off")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--interpolate", type=lambda s: tuple(int(v) for v in s.split(",")), default=(0, 1),

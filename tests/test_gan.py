@@ -324,6 +324,7 @@ def test_cli_resume_sample_only_and_mismatch(module, tmp_path):
     assert final["parameters"]["generator"] > 0 and 0 < final["diversity"] and final["frechet_distance"] > 0
     if module is cgan:
         assert 0 <= final["conditional_accuracy"] <= 1 and len(final["unseen_conditions"]) == 6
+        assert final["within_class_diversity"] > 0
     first = torch.load(run / "ckpt.pt", weights_only=False)
     module.main(cli(tmp_path, "--steps", "4", "--eval-every", "2", "--resume"))
     second = torch.load(run / "ckpt.pt", weights_only=False)
@@ -363,6 +364,8 @@ def test_bad_flags_fail_clearly(module, tmp_path):
             module.main(cli(tmp_path, "--d-cond", "sum", "--steps", "1"))
         with pytest.raises(SystemExit, match="--interpolate takes two class indices"):
             module.main(cli(tmp_path, "--interpolate", "0,12", "--steps", "1"))
+        with pytest.raises(SystemExit, match="need --mode-seeking >= 0"):
+            module.main(cli(tmp_path, "--mode-seeking", "-1", "--steps", "1"))
 
 
 def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
@@ -386,3 +389,46 @@ def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
         D.train()(x, c)                                 # the real batch's pass, as in d_step (batch norm state)
         expected = cgan.class_loss(D(fake, c)[1], c).item()
     assert losses[1] - losses[0] == pytest.approx(args.acgan_weight * expected, rel=1e-4)
+
+
+def test_mode_seeking_loss_equals_its_formula():
+    """1 / (mean|G(z_1) - G(z_2)| / mean|z_1 - z_2| + eps) for a batch whose halves are the pairs, by hand."""
+    fake = torch.tensor([[0.0, 1.0], [2.0, 2.0], [1.0, -1.0], [2.0, 0.0]])     # pairs (row 0, row 2), (row 1, row 3)
+    z = torch.tensor([[1.0], [0.0], [-1.0], [3.0]])
+    image_distance = (1 + 2 + 0 + 2) / 4                                       # mean |fake[:2] - fake[2:]|
+    latent_distance = (2 + 3) / 2                                              # mean |z[:2] - z[2:]|
+    assert cgan.mode_seeking_loss(fake, z).item() == pytest.approx(1 / (image_distance / latent_distance + 1e-5))
+
+
+def test_mode_seeking_pairs_conditions_and_spreads_each_class():
+    """With --mode-seeking, G's batch repeats its first half's conditions in its second half, and G steps against a
+    frozen D leave samples more varied within each class than the same steps without it."""
+    x, y = tiny_data(16)
+    c = common.one_hot(y, 2)
+    first_conditions, spread = {}, {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        args = tiny_args(cgan, d_cond="acgan", mode_seeking=weight, lr=1e-3)
+        G, D = cgan.build(args, 2, 3)
+
+        def record(module, inputs, output, weight=weight):        # returns None: the output stays as it was
+            first_conditions.setdefault(weight, inputs[1])
+        hook = G.register_forward_hook(record)
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+        for _ in range(20):
+            cgan.g_step(G, D, opt_g, c, args, 0.0)
+        hook.remove()
+        labels = torch.arange(64) % 2
+        spread[weight] = cgan.within_class_diversity(cgan.generate(G, common.one_hot(labels, 2), 0, "cpu"), labels)
+    assert torch.equal(first_conditions[0.0], c) and torch.equal(first_conditions[1.0], torch.cat([c[:8], c[:8]]))
+    assert spread[1.0] > 1.2 * spread[0.0], spread
+
+
+def test_within_class_diversity_ignores_differences_between_classes():
+    """Two classes, each one image repeated: no diversity within a class, however different the classes are. And
+    the mean pairwise distance within a class, with classes of a single image left out."""
+    zeros, ones = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
+    assert cgan.within_class_diversity(torch.cat([zeros, ones]), torch.tensor([0, 0, 0, 1, 1, 1])) == 0
+    threes = torch.full((1, 1, 2, 2), 3.0)             # 6 from each zero image: sqrt(4 pixels x 3^2)
+    images, labels = torch.cat([zeros, threes, ones[:1]]), torch.tensor([0, 0, 0, 0, 1])
+    assert cgan.within_class_diversity(images, labels) == pytest.approx((3 * 0 + 3 * 6) / 6)   # 6 pairs in class 0
