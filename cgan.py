@@ -325,8 +325,9 @@ def check_flags(args):
         common.fail("--label-smoothing changes the real target of a BCE or least-squares D; hinge has no target")
     if not 0 <= args.label_smoothing < 1 or args.d_steps < 1 or args.instance_noise < 0 or args.r1 < 0:
         common.fail("need 0 <= --label-smoothing < 1, --d-steps >= 1, --instance-noise >= 0 and --r1 >= 0")
-    if args.mode_seeking < 0 or (args.mode_seeking and args.batch_size < 2):
-        common.fail("need --mode-seeking >= 0, and --batch-size >= 2 with it (its latents come in pairs)")
+    if args.mode_seeking < 0 or (args.mode_seeking and args.batch_size < 2 * common.world_size()):
+        common.fail("need --mode-seeking >= 0, and with it at least 2 images per process in --batch-size (its "
+                    "latents come in pairs)")
     for flag, value, choices in (("--cond", args.cond, ("embedding", "onehot")),
                                  ("--g-cond", args.g_cond, ("concat", "cbn")),
                                  ("--d-cond", args.d_cond, ("concat", "projection", "acgan"))):
@@ -596,7 +597,7 @@ def report(run, ema, G, D, data, parameters, device, steps, args):
         metrics["frechet_distance"] = quality.frechet(samples)
         metrics["conditional_accuracy"] = quality.conditional_accuracy(samples, labels)
         metrics["diversity"] = quality.diversity(samples)
-        if args.fid_samples > data.num_classes:             # some class has two samples to compare
+        if args.fid_samples >= 2 * data.num_classes:        # every class has two samples to compare
             real, real_labels = (torch.cat(batches) for batches in zip(*data.test))     # the whole test split
             metrics["within_class_diversity"] = (within_class_diversity(samples, labels)
                                                  / within_class_diversity(real, real_labels))

@@ -366,6 +366,8 @@ def test_bad_flags_fail_clearly(module, tmp_path):
             module.main(cli(tmp_path, "--interpolate", "0,12", "--steps", "1"))
         with pytest.raises(SystemExit, match="need --mode-seeking >= 0"):
             module.main(cli(tmp_path, "--mode-seeking", "-1", "--steps", "1"))
+        with pytest.raises(SystemExit, match="at least 2 images per process"):
+            module.main(cli(tmp_path, "--mode-seeking", "1", "--batch-size", "1", "--steps", "1"))
 
 
 def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
@@ -393,10 +395,10 @@ def test_ac_gan_classifier_learns_from_fakes_only_when_asked():
 
 def test_mode_seeking_loss_equals_its_formula():
     """1 / (mean|G(z_1) - G(z_2)| / mean|z_1 - z_2| + eps) for a batch whose halves are the pairs, by hand."""
-    fake = torch.tensor([[0.0, 1.0], [2.0, 2.0], [1.0, -1.0], [2.0, 0.0]])     # pairs (row 0, row 2), (row 1, row 3)
-    z = torch.tensor([[1.0], [0.0], [-1.0], [3.0]])
+    fake = torch.tensor([[0.0, 1.0], [2.0, 2.0], [1.0, -1.0], [2.0, 4.0]])     # pairs (row 0, row 2), (row 1, row 3)
+    z = torch.tensor([[0.0], [0.0], [1.0], [3.0]])
     image_distance = (1 + 2 + 0 + 2) / 4                                       # mean |fake[:2] - fake[2:]|
-    latent_distance = (2 + 3) / 2                                              # mean |z[:2] - z[2:]|
+    latent_distance = (1 + 3) / 2                                              # mean |z[:2] - z[2:]|
     assert cgan.mode_seeking_loss(fake, z).item() == pytest.approx(1 / (image_distance / latent_distance + 1e-5))
 
 
@@ -426,9 +428,12 @@ def test_mode_seeking_pairs_conditions_and_spreads_each_class():
 
 def test_within_class_diversity_ignores_differences_between_classes():
     """Two classes, each one image repeated: no diversity within a class, however different the classes are. And
-    the mean pairwise distance within a class, with classes of a single image left out."""
+    the mean pairwise distance within each class, averaged over the classes (not over all pairs), with classes of
+    a single image left out and each class cut to its first max_per_class images."""
     zeros, ones = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
     assert cgan.within_class_diversity(torch.cat([zeros, ones]), torch.tensor([0, 0, 0, 1, 1, 1])) == 0
     threes = torch.full((1, 1, 2, 2), 3.0)             # 6 from each zero image: sqrt(4 pixels x 3^2)
-    images, labels = torch.cat([zeros, threes, ones[:1]]), torch.tensor([0, 0, 0, 0, 1])
-    assert cgan.within_class_diversity(images, labels) == pytest.approx((3 * 0 + 3 * 6) / 6)   # 6 pairs in class 0
+    images = torch.cat([zeros, threes, zeros[:1], ones[:1], ones[:1]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])      # class 0: 3 pairs at 0, 3 at 6; class 1: one pair at 2
+    assert cgan.within_class_diversity(images, labels) == pytest.approx(((3 * 0 + 3 * 6) / 6 + 2) / 2)
+    assert cgan.within_class_diversity(images, labels, max_per_class=2) == pytest.approx((0 + 2) / 2)
