@@ -437,3 +437,16 @@ def test_within_class_diversity_ignores_differences_between_classes():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])      # class 0: 3 pairs at 0, 3 at 6; class 1: one pair at 2
     assert cgan.within_class_diversity(images, labels) == pytest.approx(((3 * 0 + 3 * 6) / 6 + 2) / 2)
     assert cgan.within_class_diversity(images, labels, max_per_class=2) == pytest.approx((0 + 2) / 2)
+
+
+def test_final_json_within_class_diversity_is_the_samples_over_the_test_images(tmp_path):
+    """final.json's within_class_diversity is that of the report's class-balanced EMA samples (seeded, so drawn again
+    here) divided by that of the whole test split."""
+    args = cgan.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
+    run, ema, G, D, data, parameters, device, steps = cgan.train(args)
+    final = cgan.report(run, ema, G, D, data, parameters, device, steps, args)
+    labels = torch.arange(args.fid_samples) % K
+    samples = cgan.generate(ema, common.one_hot(labels, K), args.seed, "cpu")
+    real, real_labels = (torch.cat(batches) for batches in zip(*data.test))
+    expected = cgan.within_class_diversity(samples, labels) / cgan.within_class_diversity(real, real_labels)
+    assert final["within_class_diversity"] == pytest.approx(expected, rel=1e-6)
