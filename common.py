@@ -96,11 +96,16 @@ def native_bf16(device, cpuinfo=Path("/proc/cpuinfo")):
     return False
 
 
+def amp_enabled(amp, device):
+    """Does --amp turn autocast on? bf16 and fp16 always, off never; auto where the hardware runs bf16 natively,
+    since older CPUs and GPUs emulate it and get slower (on those GPUs, fp16 is the fast choice)."""
+    return amp in ("bf16", "fp16") or (amp == "auto" and native_bf16(device))
+
+
 def autocast(amp, device):
-    """bf16 or fp16 autocast for --amp bf16|fp16, none for --amp off; --amp auto uses bf16 where the hardware runs
-    it natively, since older CPUs and GPUs emulate it and get slower (on those GPUs, fp16 is the fast choice)."""
-    use = amp in ("bf16", "fp16") or (amp == "auto" and native_bf16(device))
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=use)
+    """bf16 or fp16 autocast for --amp bf16|fp16, none for --amp off; --amp auto: see amp_enabled."""
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                          enabled=amp_enabled(amp, device))
 
 
 def grad_scaler(amp, device):
@@ -109,6 +114,17 @@ def grad_scaler(amp, device):
     gradients overflowed (inf or NaN) is skipped and S halved, and S doubles after 2000 clean steps. bf16 has
     float32's exponent range and needs none: for --amp other than fp16 the scaler passes everything through."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def load_optimizer_state(opt, state):
+    """opt.load_state_dict(state), with every per-parameter tensor (Adam's moments) then laid out in memory as its
+    parameter is. load_state_dict keeps the saved strides, and a fused optimizer walks raw memory, so a run resumed
+    in another layout (ddpm.py's depends on --amp) would otherwise pair moments with the wrong weights, silently."""
+    opt.load_state_dict(state)
+    for p, per_param in opt.state.items():
+        for k, v in per_param.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                per_param[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def seed_everything(seed):

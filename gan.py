@@ -468,7 +468,7 @@ def report(run, ema, G, D, data, parameters, device, steps, args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DCGAN (Radford et al. 2016) with the minimax, non-saturating, hinge and "
                                             "least-squares objectives")
-    common.add_shared_flags(p, batch_size=64, lr=2e-4, steps=4000, eval_every=500, image_size=32)
+    common.add_shared_flags(p, batch_size=64, lr=2e-4, steps=5000, eval_every=500, image_size=32, amp="auto")
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=100, help="dimension of z (DCGAN: 100)")
     g.add_argument("--g-channels", type=int, default=64,

@@ -34,6 +34,7 @@ VARIANTS = {  # name: (channels_last, amp, fused AdamW, torch.compile)
     "fp32": (False, "off", False, False),
     "fp32 + fused AdamW": (False, "off", True, False),
     "fp32 + fused AdamW + channels_last": (True, "off", True, False),
+    "bf16 autocast + fused AdamW": (False, "bf16", True, False),
     "bf16 autocast + fused AdamW + channels_last": (True, "bf16", True, False),
 }
 COMPILED = "fp32 + fused AdamW + channels_last + compile"

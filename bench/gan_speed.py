@@ -1,6 +1,7 @@
 """gan.py and cgan.py speed: G+D iterations per second (one D step and one G step on a batch) per variant.
 
     python bench/gan_speed.py                          # default networks, batch 64, 32x32 (the default run)
+    python bench/gan_speed.py --image-size 16          # cgan.py's default run's size
     python bench/gan_speed.py --image-size 64          # DCGAN's own size
     python bench/gan_speed.py --device cuda --batch-size 128 --g-channels 128 --d-channels 128   # a GPU
 
@@ -22,16 +23,19 @@ import gan  # noqa: E402
 from ddpm_speed import seconds_per_call  # noqa: E402  (bench/ is on the path when a bench script runs)
 
 K = 10          # classes for cgan.py's variants
-VARIANTS = {    # name: (script, extra flags, channels_last)
-    "gan fp32": (gan, [], False),
-    "gan fp32 + channels_last": (gan, [], True),
+VARIANTS = {    # name: (script, extra flags, channels_last); float32 is asked for, since the scripts default to --amp auto
+    "gan fp32": (gan, ["--amp", "off"], False),
+    "gan fp32 + channels_last": (gan, ["--amp", "off"], True),
+    "gan bf16 autocast": (gan, ["--amp", "bf16"], False),
     "gan bf16 autocast + channels_last": (gan, ["--amp", "bf16"], True),
-    "gan fp32, spectral norm in D": (gan, ["--spectral-norm"], False),
-    "gan fp32, R1 penalty (double backward)": (gan, ["--r1", "1"], False),
+    "gan fp32, spectral norm in D": (gan, ["--amp", "off", "--spectral-norm"], False),
+    "gan fp32, R1 penalty (double backward)": (gan, ["--amp", "off", "--r1", "1"], False),
     # gan.py's 64-channel D, so that these rows measure what conditioning costs (cgan.py's default D has 128)
-    "cgan fp32, cbn G + projection D": (cgan, ["--d-cond", "projection", "--d-channels", "64"], False),
-    "cgan fp32, cbn G + acgan D": (cgan, ["--d-cond", "acgan", "--d-channels", "64"], False),
-    "cgan fp32, cbn G + acgan D, 128-channel D": (cgan, ["--d-cond", "acgan"], False),
+    "cgan fp32, cbn G + projection D": (cgan, ["--amp", "off", "--d-cond", "projection", "--d-channels", "64"], False),
+    "cgan fp32, cbn G + acgan D": (cgan, ["--amp", "off", "--d-cond", "acgan", "--d-channels", "64"], False),
+    "cgan fp32, cbn G + acgan D, 128-channel D": (cgan, ["--amp", "off", "--d-cond", "acgan"], False),
+    "cgan bf16 autocast, cbn G + acgan D, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], False),
+    "cgan bf16 autocast + channels_last, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], True),
 }
 
 

@@ -2,6 +2,7 @@
 the Frechet distance."""
 import argparse
 import colorsys
+import copy
 import json
 import math
 import urllib.error
@@ -348,6 +349,31 @@ def test_autocast_flag():
         assert (a @ b).dtype == torch.bfloat16
     with common.autocast("auto", cpu):          # bf16 exactly where the CPU has native bf16
         assert (a @ b).dtype == (torch.bfloat16 if common.native_bf16(cpu) else torch.float32)
+
+
+def test_a_fused_optimizer_resumed_in_another_memory_layout_continues_exactly():
+    """Saved in channels_last, resumed in NCHW (ddpm.py's layout follows --amp): the next steps must be those of a
+    resume in the saved layout. Plain load_state_dict keeps the moments' strides, which fused AdamW misreads."""
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(4, 8, 3), torch.randn(2, 4, 6, 6)
+
+    def steps(model, opt, layout, n=3):
+        for _ in range(n):
+            opt.zero_grad()
+            model(x.contiguous(memory_format=layout)).square().mean().backward()
+            opt.step()
+
+    saved = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(saved.parameters(), lr=1e-2, fused=True)
+    steps(saved, opt, torch.channels_last)
+    resumed = {}
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model = copy.deepcopy(saved).to(memory_format=layout)
+        opt_resumed = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        common.load_optimizer_state(opt_resumed, copy.deepcopy(opt.state_dict()))
+        steps(model, opt_resumed, layout)
+        resumed[layout] = model.weight.detach().contiguous()
+    torch.testing.assert_close(resumed[torch.contiguous_format], resumed[torch.channels_last])
 
 
 def test_native_bf16_needs_the_bf16_instructions_not_just_avx512(tmp_path):

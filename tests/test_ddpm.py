@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import cddpm
+import common
 import ddpm
 
 TINY = dict(image_size=8, channels=16, channel_mult=(1, 2), blocks=1, attn_res=(4,), heads=2)
@@ -164,10 +166,32 @@ def test_loss_falls_on_a_tiny_batch():
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:5]) / 5
 
 
+@pytest.mark.parametrize("script", [ddpm, cddpm])
+def test_the_unets_layout_is_nchw_only_under_autocast_on_a_cpu(script, monkeypatch):
+    """bench/ddpm_speed.py: channels_last speeds float32 but slows bf16 on a CPU; GPUs take channels_last."""
+    args = script.get_args([])
+    assert args.amp == "auto"
+    for amp, native, device, layout in (("off", True, "cpu", torch.channels_last),
+                                        ("bf16", False, "cpu", torch.contiguous_format),
+                                        ("auto", True, "cpu", torch.contiguous_format),
+                                        ("auto", False, "cpu", torch.channels_last),   # a CPU that emulates bf16
+                                        ("bf16", True, "cuda", torch.channels_last)):
+        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
+        args.amp = amp
+        assert script.memory_format(args, torch.device(device)) == layout, (amp, native, device)
+
+
 def cli(tmp_path, *extra):
     return ["--image-size", "8", "--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn-res", "4",
             "--heads", "2", "--split-sizes", "64,16,16", "--timesteps", "20", "--sample-steps", "5", "--batch-size", "8", "--fid-samples", "0",
             "--out", str(tmp_path), "--name", "t", *extra]
+
+
+def test_training_runs_in_the_layout_memory_format_picks(tmp_path):
+    for amp, channels_last in (("off", True), ("bf16", False)):
+        ddpm.main(cli(tmp_path, "--steps", "1", "--eval-every", "1", "--amp", amp, "--name", amp))
+        weight = torch.load(tmp_path / "ddpm" / amp / "ckpt.pt", weights_only=False)["model"]["stem.weight"]
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last, amp
 
 
 def test_cli_resume_and_sample_only(tmp_path):
