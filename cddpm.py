@@ -324,13 +324,13 @@ def memory_format(args, device):
 def evaluate(model, loader, schedule, args, device, max_batches=None):
     """Mean loss over a loader (labels dropped at --p-uncond as in training), with t, noise and drops seeded."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, layout = 0.0, 0, memory_format(args, device)
     with torch.random.fork_rng(devices=[]):    # the training run's random stream is left untouched
         torch.manual_seed(1)
         for b, (x, y) in enumerate(loader):
             if max_batches and b == max_batches:
                 break
-            x, y = x.to(device, memory_format=memory_format(args, device)), y.to(device)
+            x, y = x.to(device, memory_format=layout), y.to(device)
             with common.autocast(args.amp, device):
                 total += loss(model, x, y, schedule, args.p_uncond, model.num_classes).item() * len(x)
             n += len(x)

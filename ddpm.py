@@ -317,13 +317,13 @@ def memory_format(args, device):
 def evaluate(model, loader, schedule, args, device, max_batches=None):
     """Mean L_simple / D over a loader, with fixed t and noise (seeded) so successive evaluations compare."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, layout = 0.0, 0, memory_format(args, device)
     with torch.random.fork_rng(devices=[]):    # the training run's random stream is left untouched
         torch.manual_seed(1)
         for b, (x, _) in enumerate(loader):
             if max_batches and b == max_batches:
                 break
-            x = x.to(device, memory_format=memory_format(args, device))
+            x = x.to(device, memory_format=layout)
             with common.autocast(args.amp, device):
                 total += loss(model, x, schedule, args.pred).item() * len(x)
             n += len(x)

@@ -187,11 +187,19 @@ def cli(tmp_path, *extra):
             "--out", str(tmp_path), "--name", "t", *extra]
 
 
-def test_training_runs_in_the_layout_memory_format_picks(tmp_path):
-    for amp, channels_last in (("off", True), ("bf16", False)):
-        ddpm.main(cli(tmp_path, "--steps", "1", "--eval-every", "1", "--amp", amp, "--name", amp))
-        weight = torch.load(tmp_path / "ddpm" / amp / "ckpt.pt", weights_only=False)["model"]["stem.weight"]
-        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last, amp
+@pytest.mark.parametrize("script", [ddpm, cddpm])
+def test_training_runs_in_the_layout_memory_format_picks_and_resumes_in_the_other(tmp_path, script):
+    extra = ("--unseen-samples", "4", "--guidance-sweep", "0,2") if script is cddpm else ()
+    run = tmp_path / script.__name__ / "t"
+    for amp, steps, channels_last in (("off", "1", True), ("bf16", "2", False)):    # saved in NHWC, resumed in NCHW
+        script.main(cli(tmp_path, *extra, "--steps", steps, "--eval-every", "1", "--amp", amp,
+                        *(("--resume",) if amp == "bf16" else ())))
+        state = torch.load(run / "ckpt.pt", weights_only=False)
+        assert state["step"] == int(steps)
+        assert state["model"]["stem.weight"].is_contiguous(memory_format=torch.channels_last) == channels_last, amp
+    # the resumed optimizer's moments follow the new layout (common.load_optimizer_state), as fused AdamW needs
+    moments = [v for per_param in state["optimizer"]["state"].values() for v in per_param.values() if v.dim() == 4]
+    assert moments and all(v.is_contiguous() for v in moments)
 
 
 def test_cli_resume_and_sample_only(tmp_path):
