@@ -48,7 +48,9 @@ DDIM chain carries to the end as grain. On a float32 2,500-step checkpoint at w 
 ancestral 45.5% conditional accuracy and Frechet distance 32.9, DDIM 33.0% and 68.8.
 
 Differences from the paper: a small U-Net (ddpm.py's, 1.6M parameters) on 16px shapes so a CPU run takes
-minutes; 50 ancestral steps by default (the paper: 256); no data augmentation.
+minutes; 50 ancestral steps by default (the paper: 256); no data augmentation; AdamW at 2e-3 after a warm-up,
+decayed linearly to zero over the last 30% of the steps (`--lr-decay`; ddpm.py's recipe, which lowers the test loss
+of a short run by 5-8%).
 """
 import argparse
 import copy
@@ -392,7 +394,7 @@ def train(args):
     for step in bar:
         model.train()
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
+            group["lr"] = args.lr * common.lr_factor(step, steps, WARMUP, args.lr_decay)
         x, y = next(batches)
         x, y = x.to(device, memory_format=layout), y.to(device)
         with common.autocast(args.amp, device):
@@ -515,7 +517,9 @@ def floats(s):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Class-conditional DDPM with classifier-free guidance (Ho & Salimans 2022)")
-    common.add_shared_flags(p, batch_size=64, lr=1e-3, steps=2500, eval_every=500, image_size=16, amp="auto")
+    common.add_shared_flags(p, batch_size=64, lr=2e-3, steps=2500, eval_every=500, image_size=16, amp="auto")
+    p.add_argument("--lr-decay", type=float, default=0.3,
+                   help="share of the steps over which the learning rate decays linearly to zero at the end (0: none)")
     g = p.add_argument_group("model")
     g.add_argument("--cond", default="embedding", choices=("embedding", "onehot"),
                    help="condition encoder: embedding (a learned table, linear in c) or onehot (the one-hot through an MLP)")

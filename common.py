@@ -309,6 +309,16 @@ def total_steps(args, train_loader):
     return args.steps if args.steps is not None else args.epochs * len(train_loader)
 
 
+def lr_factor(step, steps, warmup, decay_fraction):
+    """The learning rate of optimiser step `step` (0-based) of `steps`, as a share of the peak: a linear warm-up
+    over the first `warmup` steps, then constant, then a linear decay towards zero over the last `decay_fraction`
+    of the steps (0: no decay). The decay ends at 1 / (decay steps), so the last step still moves the weights."""
+    if not 0 <= decay_fraction < 1:
+        fail(f"--lr-decay must be in [0, 1), got {decay_fraction}")
+    decay_steps = decay_fraction * steps
+    return min(1.0, (step + 1) / warmup, (steps - step) / decay_steps if decay_steps > 0 else 1.0)
+
+
 def forever(loader, skip=0):
     """Batches without end, epoch after epoch (each epoch reshuffled), for step-counted training loops. A run
     resumed at step `skip` passes it to continue with the batches an uninterrupted run would have seen next."""

@@ -42,7 +42,9 @@ Index convention: the code's t runs 0..T-1 and stands for the paper's t = 1..T; 
 Differences from the paper:
 - Smaller U-Net by default (1.6M parameters, 1/22 of the paper's 35.7M) and 16px shapes, so a CPU run takes minutes;
   `--channels 128 --channel-mult 1,2,2,2 --attn-res 16 --dropout 0.1 --image-size 32` is the paper's CIFAR-10 model.
-- AdamW with a linear warmup and gradient clipping at 1.0 (the paper: Adam, warmup 5000, clip 1.0).
+- AdamW, learning rate 2e-3 with a linear warmup, then constant, then (`--lr-decay`, the last 30% of the steps by
+  default) a linear decay to zero, which a short run needs more than a long one; gradients clipped at 1.0 (the
+  paper: Adam at 2e-4, warmup 5000, constant after it, clip 1.0).
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
 - Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
@@ -378,7 +380,7 @@ def train(args):
     for step in bar:
         model.train()
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
+            group["lr"] = args.lr * common.lr_factor(step, steps, WARMUP, args.lr_decay)
         x, _ = next(batches)
         x = x.to(device, memory_format=layout)
         with common.autocast(args.amp, device):
@@ -444,7 +446,9 @@ def report(run, ema, schedule, data, parameters, device, steps, args):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DDPM / DDIM (Ho et al. 2020; Song et al. 2021)")
-    common.add_shared_flags(p, batch_size=64, lr=1e-3, steps=3500, eval_every=1000, image_size=16, amp="auto")
+    common.add_shared_flags(p, batch_size=64, lr=2e-3, steps=3500, eval_every=1000, image_size=16, amp="auto")
+    p.add_argument("--lr-decay", type=float, default=0.3,
+                   help="share of the steps over which the learning rate decays linearly to zero at the end (0: none)")
     g = p.add_argument_group("model")
     g.add_argument("--channels", type=int, default=32, help="base channels of the U-Net (paper: 128)")
     g.add_argument("--channel-mult", type=lambda s: tuple(map(int, s.split(","))), default=(1, 2, 2),

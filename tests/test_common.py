@@ -340,6 +340,18 @@ def test_total_steps_and_device():
         common.get_device("cdua")
 
 
+def test_lr_factor_warms_up_holds_then_decays_to_near_zero():
+    f = [common.lr_factor(step, 100, 10, 0.3) for step in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5)             # warm-up: (step + 1) / 10
+    assert f[9:71] == [1.0] * 62                                                  # constant until 30 steps remain
+    assert f[71] == pytest.approx(29 / 30) and f[99] == pytest.approx(1 / 30)     # linear towards zero
+    assert all(a > b for a, b in zip(f[70:], f[71:]))
+    assert [common.lr_factor(step, 100, 10, 0.0) for step in range(9, 100)] == [1.0] * 91
+    for bad in (1.0, -0.1):
+        with pytest.raises(SystemExit, match="--lr-decay must be in"):
+            common.lr_factor(0, 100, 10, bad)
+
+
 def test_autocast_flag():
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     cpu = torch.device("cpu")
