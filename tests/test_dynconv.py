@@ -1,7 +1,7 @@
 """dynconv.py: the dynamic layer's shapes for any channels and sizes, that it is an ordinary convolution when its
-generator says so, permutation invariance, hand-counted FLOPs, what the baselines fill in, that evaluation really
-drops channels, the channel draws, learning on tiny data, determinism, exact resumption, the comparison files and
-the errors."""
+generator says so, permutation invariance, what the channel path sees that a linear layer cannot, hand-counted
+FLOPs, what the baselines fill in, that evaluation really drops channels, the channel draws, learning on tiny data,
+determinism, exact resumption, the comparison files and the errors."""
 import argparse
 import json
 import re
@@ -19,7 +19,7 @@ TINY = ["--image-size", "16", "--split-sizes", "256,128,128", "--batch-size", "3
 
 
 def model_args(**overrides):
-    values = dict(model="dynamic", routing="softmax", prior="mean", set_norm=True, width=8, kernel_size=3, kernels=4, embed=8, hidden=16, image_size=16, wide_width=8)
+    values = dict(model="dynamic", routing="softmax", prior="mean", set_norm=True, channel_path=True, width=8, kernel_size=3, kernels=4, embed=8, hidden=16, image_size=16, wide_width=8)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -72,7 +72,8 @@ def test_permuting_channels_with_their_identities_changes_nothing_and_without_th
     torch.manual_seed(0)
     net = dc.build(model_args(), identities=3, num_classes=5).eval()
     with torch.no_grad():
-        net.stem.generator.gate.fill_(1.0)                     # the generated correction on, as after training
+        net.stem.generator.gate.fill_(1.0)                     # the generated correction and the channel path on,
+        net.stem.path.gate.fill_(1.0)                          # as after training
     x = images()
     reference = net(x, [0, 1, 2])
     for order in ([2, 0, 1], [1, 2, 0], [2, 1, 0]):
@@ -106,6 +107,29 @@ def test_with_the_mean_prior_it_starts_as_a_convolution_of_the_mean_filled_input
                                                                 layer.weight, layer.bias, padding=1), atol=1e-3)
 
 
+def test_the_channel_path_ignores_each_channels_contrast_and_sees_what_a_sum_of_channels_cancels():
+    """xhat_c = (x_c - mean) / (std + floor) does not change when a channel is scaled by a > 0 and shifted (up to the
+    floor), so a faint channel counts as much as a strong one; and the ReLU comes before the channels are pooled,
+    so a shape bright in R and dark in G, which cancels in R + G, still shows."""
+    torch.manual_seed(0)
+    path = dc.ChannelPath(out_channels=4, kernel_size=3, identities=3)
+    with torch.no_grad():
+        path.gate.fill_(1.0)
+    x = images(2, 2)
+    faint = x * torch.tensor([0.25, 3.0])[None, :, None, None] + torch.tensor([0.5, -0.2])[None, :, None, None]
+    assert torch.allclose(path(faint, [0, 1]), path(x, [0, 1]), atol=5e-3)
+    assert not torch.allclose(path(faint, [0, 1]), path(faint[:, [1, 0]], [0, 1]), atol=1e-3)   # V depends on i_c
+    # a square, +1 in R and -1 in G on a flat background: R + G is flat, so a convolution with the same kernel for
+    # R and G (what mean-filling, or any linear layer with a colour-blind kernel, computes) gives a flat map
+    square = torch.zeros(1, 2, 8, 8)
+    square[0, 0, 2:6, 2:6], square[0, 1, 2:6, 2:6] = 1.0, -1.0
+    kernel = torch.randn(4, 1, 3, 3)
+    assert torch.allclose(F.conv2d(square.sum(1, keepdim=True), kernel, padding=1), torch.zeros(1, 4, 8, 8))
+    with torch.no_grad():
+        path.weight.copy_(kernel[:, 0].expand(3, -1, -1, -1))                  # the same kernel for every identity
+    assert path(square, [0, 1]).std() > 0.1
+
+
 def test_set_batch_norm_keeps_running_statistics_per_set_of_channels():
     norm = dc.SetBatchNorm(4, identities=3)
     x = images(8, 4) * 3 + 2
@@ -125,7 +149,7 @@ def test_flop_counts_match_a_hand_count():
     net = dc.build(args, identities=3, num_classes=10)
     C, O, k, K, d, h, HW = 2, 4, 3, 2, 5, 6, 7 * 7
     generator = 2 * C * ((2 * d + 2) * h + h * K) + 2 * C * K * O * k * k
-    first = 2 * O * C * k * k * HW
+    first = 2 * O * C * k * k * HW + 2 * O * C * k * k * HW                      # the convolution and the channel path
     counted = dc.flops(net, (0, 2), 7, "cpu")
     assert counted["generator_flops"] == generator
     backbone = dc.flops(dc.build(argparse.Namespace(**{**vars(args), "model": "zero"}), 3, 10), (0, 2), 7, "cpu")
@@ -142,7 +166,10 @@ def test_parameter_counts_separate_the_generator():
         counts = dc.parameter_counts(dc.build(model_args(prior=prior), 3, 10))
         gate = prior == "mean"
         assert counts["generator"] == N * d + (2 * d + 2) * h + h + h * K + K + K * O * k * k + gate
-        assert counts["backbone"] == plain["stored"] - O * N * k * k + static
+        path = N * O * k * k + N * O + 1                                          # V, v and the gate g
+        assert counts["backbone"] == plain["stored"] - O * N * k * k + static + path
+        without = dc.parameter_counts(dc.build(model_args(prior=prior, channel_path=False), 3, 10))
+        assert without["backbone"] == counts["backbone"] - path
     per = dc.parameter_counts(dc.PerCombination(args, 3, 10))
     assert per["stored"] == 7 * (plain["stored"] - O * N * k * k) + O * k * k * (3 + 3 * 2 + 3 * 1)   # sum of |S|
 
