@@ -562,6 +562,8 @@ def get_args(argv=None):
                         "on shapes; 0,1 with fewer than five classes)")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
     args = p.parse_args(argv)
+    if not 0 <= args.lr_decay < 1:
+        common.fail(f"--lr-decay must be in [0, 1), got {args.lr_decay}")
     if not 0 <= args.p_uncond < 1:
         common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}: the model needs some labelled training")
     return args

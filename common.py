@@ -312,9 +312,8 @@ def total_steps(args, train_loader):
 def lr_factor(step, steps, warmup, decay_fraction):
     """The learning rate of optimiser step `step` (0-based) of `steps`, as a share of the peak: a linear warm-up
     over the first `warmup` steps, then constant, then a linear decay towards zero over the last `decay_fraction`
-    of the steps (0: no decay). The decay ends at 1 / (decay steps), so the last step still moves the weights."""
-    if not 0 <= decay_fraction < 1:
-        fail(f"--lr-decay must be in [0, 1), got {decay_fraction}")
+    (in [0, 1); 0: no decay) of the steps. The decay ends at 1 / (decay steps), so the last step still moves the
+    weights. A run resumed with a larger --steps decays over the new total: from where the new schedule stands."""
     decay_steps = decay_fraction * steps
     return min(1.0, (step + 1) / warmup, (steps - step) / decay_steps if decay_steps > 0 else 1.0)
 

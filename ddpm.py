@@ -478,7 +478,10 @@ def get_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.lr_decay < 1:
+        common.fail(f"--lr-decay must be in [0, 1), got {args.lr_decay}")
+    return args
 
 
 def main(argv=None):

@@ -50,8 +50,8 @@ Why each piece:
     nonlinear: here each channel also passes through its own convolution and ReLU before the channels are
     averaged, and it is standardised first, so a faint channel counts as much as a strong one and a dark shape
     as much as a bright one (the channel's mean and standard deviation still reach the network through the
-    generator and the linear part). On shapes such images made nearly nine in ten of the errors with channels
-    missing (README). Its gate g' starts at zero like g, so the layer starts as the mean-filled convolution.
+    generator and the linear part). On shapes such images made most of the errors with channels missing (83%
+    with one channel, 88% with two; README). Its gate g' starts at zero like g, so the layer starts as the mean-filled convolution.
   * --prior none drops the static part and generates whole kernels: W_c = (N / C) sum_k pi_{c,k} B_k, with B
     initialised as a convolution's kernels and N / C keeping the activations' scale when channels are missing (as
     inverted dropout). With all channels and one-hot attention that too is an ordinary convolution (tested).
@@ -182,8 +182,8 @@ class KernelGenerator(nn.Module):
 
 class DynamicConv2d(nn.Module):
     """y = sum_c W_c * x_c + b, W_c = A_{i_c} + (1/C) sum_{j not in S} A_j + (generated correction) with
-    prior="mean"; W_c = (N / C) (generated kernel) with prior="none". One grouped convolution runs every image
-    with its own kernels."""
+    prior="mean"; W_c = (N / C) (generated kernel) with prior="none"; plus the channel path (ChannelPath) unless
+    channel_path=False. One grouped convolution runs every image with its own kernels."""
 
     def __init__(self, out_channels, kernel_size, identities, kernels=8, embed=16, hidden=64, routing="softmax",
                  prior="mean", channel_path=True):

@@ -3,8 +3,10 @@ the Frechet distance."""
 import argparse
 import colorsys
 import copy
+import importlib
 import json
 import math
+import re
 import urllib.error
 
 import numpy as np
@@ -347,9 +349,15 @@ def test_lr_factor_warms_up_holds_then_decays_to_near_zero():
     assert f[71] == pytest.approx(29 / 30) and f[99] == pytest.approx(1 / 30)     # linear towards zero
     assert all(a > b for a, b in zip(f[70:], f[71:]))
     assert [common.lr_factor(step, 100, 10, 0.0) for step in range(9, 100)] == [1.0] * 91
-    for bad in (1.0, -0.1):
-        with pytest.raises(SystemExit, match="--lr-decay must be in"):
-            common.lr_factor(0, 100, 10, bad)
+    assert max(common.lr_factor(step, 3, 1, 0.3) for step in range(3)) == 1.0    # never above the peak
+
+
+@pytest.mark.parametrize("script", ["ddpm", "cddpm"])
+@pytest.mark.parametrize("bad", ["1", "-0.1"])
+def test_a_learning_rate_decay_outside_0_1_is_refused_when_the_flags_are_read(script, bad):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit, match=re.escape(f"--lr-decay must be in [0, 1), got {float(bad)}")):
+        module.get_args(["--lr-decay", bad])
 
 
 def test_autocast_flag():

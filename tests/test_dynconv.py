@@ -72,7 +72,7 @@ def test_permuting_channels_with_their_identities_changes_nothing_and_without_th
     torch.manual_seed(0)
     net = dc.build(model_args(), identities=3, num_classes=5).eval()
     with torch.no_grad():
-        net.stem.generator.gate.fill_(1.0)                     # the generated correction and the channel path on,
+        net.stem.generator.gate.fill_(1.0)                     # the generated correction (g) and the channel path (g') on,
         net.stem.path.gate.fill_(1.0)                          # as after training
     x = images()
     reference = net(x, [0, 1, 2])
@@ -128,6 +128,23 @@ def test_the_channel_path_ignores_each_channels_contrast_and_sees_what_a_sum_of_
     with torch.no_grad():
         path.weight.copy_(kernel[:, 0].expand(3, -1, -1, -1))                  # the same kernel for every identity
     assert path(square, [0, 1]).std() > 0.1
+    flat = torch.cat([square[:, :1], torch.full((1, 1, 8, 8), 0.3)], 1)          # a constant channel: no shape in it
+    assert torch.allclose(path(flat, [0, 1]), (path(square[:, :1], [0]) + F.relu(path.bias[1])[:, None, None]) / 2,
+                          atol=1e-4)
+
+
+def test_the_layer_adds_the_channel_path_to_its_linear_part():
+    torch.manual_seed(0)
+    layer = dc.DynamicConv2d(out_channels=6, kernel_size=3, identities=3, kernels=4, embed=8, hidden=16)
+    with torch.no_grad():
+        layer.path.gate.fill_(1.0)
+    x = images()[:, [2, 0]]
+    linear = F.conv2d(dc.fill_missing(x, [2, 0], 3, "mean"), layer.weight, layer.bias, padding=1)   # g = 0
+    expected = linear + sum(F.relu(F.conv2d((x[:, [c]] - x[:, [c]].mean((2, 3), keepdim=True))
+                                            / (x[:, [c]].flatten(1).std(1)[:, None, None, None] + dc.STD_FLOOR),
+                                            layer.path.weight[i][:, None], layer.path.bias[i], padding=1))
+                            for c, i in enumerate([2, 0])) / 2
+    assert torch.allclose(layer(x, [2, 0]), expected, atol=1e-5)
 
 
 def test_set_batch_norm_keeps_running_statistics_per_set_of_channels():
