@@ -518,8 +518,7 @@ def floats(s):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Class-conditional DDPM with classifier-free guidance (Ho & Salimans 2022)")
     common.add_shared_flags(p, batch_size=64, lr=2e-3, steps=2500, eval_every=500, image_size=16, amp="auto")
-    p.add_argument("--lr-decay", type=float, default=0.3,
-                   help="share of the steps over which the learning rate decays linearly to zero at the end (0: none)")
+    common.add_lr_decay_flag(p, default=0.3)
     g = p.add_argument_group("model")
     g.add_argument("--cond", default="embedding", choices=("embedding", "onehot"),
                    help="condition encoder: embedding (a learned table, linear in c) or onehot (the one-hot through an MLP)")
@@ -562,8 +561,6 @@ def get_args(argv=None):
                         "on shapes; 0,1 with fewer than five classes)")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
     args = p.parse_args(argv)
-    if not 0 <= args.lr_decay < 1:
-        common.fail(f"--lr-decay must be in [0, 1), got {args.lr_decay}")
     if not 0 <= args.p_uncond < 1:
         common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}: the model needs some labelled training")
     return args

@@ -318,6 +318,17 @@ def lr_factor(step, steps, warmup, decay_fraction):
     return min(1.0, (step + 1) / warmup, (steps - step) / decay_steps if decay_steps > 0 else 1.0)
 
 
+def add_lr_decay_flag(p, default):
+    """--lr-decay, the decay_fraction of lr_factor, refused with a one-line error outside [0, 1)."""
+    def fraction(text):
+        value = float(text)
+        if not 0 <= value < 1:
+            fail(f"--lr-decay must be in [0, 1), got {value}")
+        return value
+    p.add_argument("--lr-decay", type=fraction, default=default,
+                   help="share of the steps over which the learning rate decays linearly to zero at the end (0: none)")
+
+
 def forever(loader, skip=0):
     """Batches without end, epoch after epoch (each epoch reshuffled), for step-counted training loops. A run
     resumed at step `skip` passes it to continue with the batches an uninterrupted run would have seen next."""

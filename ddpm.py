@@ -447,8 +447,7 @@ def report(run, ema, schedule, data, parameters, device, steps, args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DDPM / DDIM (Ho et al. 2020; Song et al. 2021)")
     common.add_shared_flags(p, batch_size=64, lr=2e-3, steps=3500, eval_every=1000, image_size=16, amp="auto")
-    p.add_argument("--lr-decay", type=float, default=0.3,
-                   help="share of the steps over which the learning rate decays linearly to zero at the end (0: none)")
+    common.add_lr_decay_flag(p, default=0.3)
     g = p.add_argument_group("model")
     g.add_argument("--channels", type=int, default=32, help="base channels of the U-Net (paper: 128)")
     g.add_argument("--channel-mult", type=lambda s: tuple(map(int, s.split(","))), default=(1, 2, 2),
@@ -478,10 +477,7 @@ def get_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    args = p.parse_args(argv)
-    if not 0 <= args.lr_decay < 1:
-        common.fail(f"--lr-decay must be in [0, 1), got {args.lr_decay}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

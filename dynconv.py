@@ -51,7 +51,8 @@ Why each piece:
     averaged, and it is standardised first, so a faint channel counts as much as a strong one and a dark shape
     as much as a bright one (the channel's mean and standard deviation still reach the network through the
     generator and the linear part). On shapes such images made most of the errors with channels missing (83%
-    with one channel, 88% with two; README). Its gate g' starts at zero like g, so the layer starts as the mean-filled convolution.
+    with one channel, 88% with two; README). Its gate g' starts at zero like g, so the layer starts as the
+    mean-filled convolution.
   * --prior none drops the static part and generates whole kernels: W_c = (N / C) sum_k pi_{c,k} B_k, with B
     initialised as a convolution's kernels and N / C keeping the activations' scale when channels are missing (as
     inverted dropout). With all channels and one-hot attention that too is an ordinary convolution (tested).
@@ -223,8 +224,8 @@ class DynamicConv2d(nn.Module):
 
 
 class ChannelPath(nn.Module):
-    """g' (1/C) sum_c ReLU(V_{i_c} * xhat_c + v_{i_c}), xhat_c = (x_c - mean(x_c)) / (std(x_c) + STD_FLOOR) per image:
-    each channel standardised and through a nonlinearity of its own before the channels are pooled."""
+    """g' (1/C) sum_c ReLU(V_{i_c} * xhat_c + v_{i_c}), xhat_c = (x_c - mean(x_c)) / (std(x_c) + STD_FLOOR) per
+    image: each channel standardised and through a nonlinearity of its own before the channels are pooled."""
 
     def __init__(self, out_channels, kernel_size, identities):
         super().__init__()

@@ -22,8 +22,8 @@ import common  # noqa: E402
 import dynconv  # noqa: E402
 from ddpm_speed import seconds_per_call  # noqa: E402  (bench/ is on the path when a bench script runs)
 
-VARIANTS = {"zero": [], "mean": [], "per-combination": [], "dynamic": [], "dynamic --no-channel-path": ["--no-channel-path"],
-            "dynamic --prior none": ["--prior", "none"]}
+VARIANTS = {"zero": [], "mean": [], "per-combination": [], "dynamic": [],
+            "dynamic --no-channel-path": ["--no-channel-path"], "dynamic --prior none": ["--prior", "none"]}
 ORDERS = {"RGB": (0, 1, 2), "R": (0,)}
 
 

@@ -19,7 +19,8 @@ TINY = ["--image-size", "16", "--split-sizes", "256,128,128", "--batch-size", "3
 
 
 def model_args(**overrides):
-    values = dict(model="dynamic", routing="softmax", prior="mean", set_norm=True, channel_path=True, width=8, kernel_size=3, kernels=4, embed=8, hidden=16, image_size=16, wide_width=8)
+    values = dict(model="dynamic", routing="softmax", prior="mean", set_norm=True, channel_path=True, width=8,
+                  kernel_size=3, kernels=4, embed=8, hidden=16, image_size=16, wide_width=8)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -119,8 +120,8 @@ def test_the_channel_path_ignores_each_channels_contrast_and_sees_what_a_sum_of_
     faint = x * torch.tensor([0.25, 3.0])[None, :, None, None] + torch.tensor([0.5, -0.2])[None, :, None, None]
     assert torch.allclose(path(faint, [0, 1]), path(x, [0, 1]), atol=5e-3)
     assert not torch.allclose(path(faint, [0, 1]), path(faint[:, [1, 0]], [0, 1]), atol=1e-3)   # V depends on i_c
-    # a square, +1 in R and -1 in G on a flat background: R + G is flat, so a convolution with the same kernel for
-    # R and G (what mean-filling, or any linear layer with a colour-blind kernel, computes) gives a flat map
+    # a square, +1 in R and -1 in G on a flat background: R + G is flat, so a linear layer with the same kernel
+    # for R and G gives a flat map
     square = torch.zeros(1, 2, 8, 8)
     square[0, 0, 2:6, 2:6], square[0, 1, 2:6, 2:6] = 1.0, -1.0
     kernel = torch.randn(4, 1, 3, 3)
@@ -183,7 +184,7 @@ def test_parameter_counts_separate_the_generator():
         counts = dc.parameter_counts(dc.build(model_args(prior=prior), 3, 10))
         gate = prior == "mean"
         assert counts["generator"] == N * d + (2 * d + 2) * h + h + h * K + K + K * O * k * k + gate
-        path = N * O * k * k + N * O + 1                                          # V, v and the gate g
+        path = N * O * k * k + N * O + 1                                          # V, v and the gate g'
         assert counts["backbone"] == plain["stored"] - O * N * k * k + static + path
         without = dc.parameter_counts(dc.build(model_args(prior=prior, channel_path=False), 3, 10))
         assert without["backbone"] == counts["backbone"] - path
