@@ -352,7 +352,7 @@ def test_lr_factor_warms_up_holds_then_decays_to_near_zero():
     assert max(common.lr_factor(step, 3, 1, 0.3) for step in range(3)) == 1.0    # never above the peak
 
 
-@pytest.mark.parametrize("script", ["ddpm", "cddpm"])
+@pytest.mark.parametrize("script", ["ddpm", "cddpm", "cgan"])
 @pytest.mark.parametrize("bad", ["1", "-0.1"])
 def test_a_learning_rate_decay_outside_0_1_is_refused_when_the_flags_are_read(script, bad):
     module = importlib.import_module(script)

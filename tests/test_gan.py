@@ -337,6 +337,17 @@ def test_cli_resume_sample_only_and_mismatch(module, tmp_path):
         module.main(cli(tmp_path, "--resume", "--g-channels", "16"))
 
 
+@pytest.mark.parametrize("lr_decay, factor", [(0.0, 1.0), (0.5, 0.5)])
+def test_cgan_decays_both_learning_rates_over_the_last_steps(tmp_path, lr_decay, factor):
+    """With --lr-decay 0.5 over 4 steps, the last step (index 3) runs at lr_factor = (4 - 3) / 2 of each network's
+    own peak; without it, at the peak."""
+    cgan.train(cgan.get_args(cli(tmp_path, "--steps", "4", "--eval-every", "4", "--lr", "3e-4", "--lr-d", "5e-4",
+                                 "--lr-decay", str(lr_decay))))
+    state = torch.load(tmp_path / "cgan" / "t" / "ckpt.pt", weights_only=False)
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * factor)
+    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * factor)
+
+
 @BOTH
 def test_checkpoint_round_trip(module, tmp_path):
     """The EMA generator saved in ckpt.pt, loaded into a network rebuilt from the checkpoint's own args, makes the
