@@ -337,15 +337,22 @@ def test_cli_resume_sample_only_and_mismatch(module, tmp_path):
         module.main(cli(tmp_path, "--resume", "--g-channels", "16"))
 
 
-@pytest.mark.parametrize("lr_decay, factor", [(0.0, 1.0), (0.5, 0.5)])
-def test_cgan_decays_both_learning_rates_over_the_last_steps(tmp_path, lr_decay, factor):
-    """With --lr-decay 0.5 over 4 steps, the last step (index 3) runs at lr_factor = (4 - 3) / 2 of each network's
-    own peak; without it, at the peak."""
+@pytest.mark.parametrize("lr_decay, factors", [(0.0, [1, 1, 1, 1]), (0.5, [1, 1, 1, 0.5])])
+def test_cgan_decays_both_learning_rates_over_the_last_steps(tmp_path, monkeypatch, lr_decay, factors):
+    """The rates each update runs at, recorded when D's and G's steps are called: with --lr-decay 0.5 over 4 steps
+    the last step (index 3) runs at lr_factor = (4 - 3) / 2 of each network's own peak, every D step of it too; the
+    default is no decay."""
+    assert cgan.get_args([]).lr_decay == 0
+    seen = {"d": [], "g": []}
+    d_step, g_step = cgan.d_step, cgan.g_step
+    monkeypatch.setattr(cgan, "d_step", lambda G, D, opt, *a: seen["d"].append(opt.param_groups[0]["lr"]) or
+                        d_step(G, D, opt, *a))
+    monkeypatch.setattr(cgan, "g_step", lambda G, D, opt, *a: seen["g"].append(opt.param_groups[0]["lr"]) or
+                        g_step(G, D, opt, *a))
     cgan.train(cgan.get_args(cli(tmp_path, "--steps", "4", "--eval-every", "4", "--lr", "3e-4", "--lr-d", "5e-4",
-                                 "--lr-decay", str(lr_decay))))
-    state = torch.load(tmp_path / "cgan" / "t" / "ckpt.pt", weights_only=False)
-    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * factor)
-    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * factor)
+                                 "--d-steps", "2", "--lr-decay", str(lr_decay))))
+    assert seen["g"] == pytest.approx([3e-4 * f for f in factors])
+    assert seen["d"] == pytest.approx([5e-4 * f for f in factors for _ in range(2)])
 
 
 @BOTH
