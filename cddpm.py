@@ -50,7 +50,9 @@ ancestral 45.5% conditional accuracy and Frechet distance 32.9, DDIM 33.0% and 6
 Differences from the paper: a small U-Net (ddpm.py's, 1.6M parameters) on 16px shapes so a CPU run takes
 minutes; 50 ancestral steps by default (the paper: 256); no data augmentation; AdamW at 2e-3 after a warm-up,
 decayed linearly to zero over the last 30% of the steps (`--lr-decay`; ddpm.py's recipe, which lowers the test loss
-of a short run by 5-8%).
+of a short run by 5-8%); samples from the raw weights (`--ema 0`, as ddpm.py: with the rate decayed to zero an
+average of the weights adds nothing, and the default run's EMA at 0.999 reached 46.8% conditional accuracy at
+w = 2 where its raw weights reach 53.0%).
 """
 import argparse
 import copy
@@ -417,7 +419,7 @@ def train(args):
             if common.is_main():
                 val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
                 run.log(step + 1, "val", loss=val)
-                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
+                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (sampling weights) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
                                     optimizer=opt.state_dict(), scaler=scaler.state_dict())
                 run.save_grid(generate(ema, schedule, args, grid_conditions, device)[0],
@@ -536,7 +538,9 @@ def get_args(argv=None):
     g.add_argument("--timesteps", type=int, default=1000, help="T, diffusion steps")
     g.add_argument("--p-uncond", type=float, default=0.1,
                    help="probability of training on the null label instead of y (paper: 0.1-0.2 best)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
+    g.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights used for sampling; 0 (the default): the raw weights, which the "
+                        "learning-rate decay to zero already averages; the paper: 0.9999 at a constant rate")
     g.add_argument("--guidance", type=float, default=2.0,
                    help="w in eps~ = (1 + w) eps(x, y) - w eps(x): 0 the conditional model alone, -1 the unconditional, "
                         "> 0 stronger guidance (for the figures; the evaluation sweeps --guidance-sweep)")

@@ -45,6 +45,10 @@ Differences from the paper:
 - AdamW, learning rate 2e-3 with a linear warmup, then constant, then (`--lr-decay`, the last 30% of the steps by
   default) a linear decay to zero, which a short run needs more than a long one; gradients clipped at 1.0 (the
   paper: Adam at 2e-4, warmup 5000, constant after it, clip 1.0).
+- Samples come from the raw weights by default (`--ema 0`), not from an exponential moving average of them (the
+  paper: decay 0.9999). Averaging the weights of the last steps is what the learning-rate decay to zero already
+  does, and at the default's 3,500 steps the average (`--ema 0.999`) lags behind: Frechet distance 56.7 against
+  48.4 for the raw weights, 43.7% confident samples against 45.0% (README). At a constant rate the EMA helps.
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
 - Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
@@ -392,8 +396,8 @@ def train(args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         scaler.step(opt)
         scaler.update()
-        # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 copies. The decay ramps up as
-        # (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights.
+        # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 (the default) copies. The decay ramps
+        # up as (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights.
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -405,7 +409,7 @@ def train(args):
             if common.is_main():
                 val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
                 run.log(step + 1, "val", loss=val)
-                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (EMA) {val:.4f}")
+                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (sampling weights) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
                                     optimizer=opt.state_dict(), scaler=scaler.state_dict())
                 run.save_grid(generate(ema, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
@@ -461,7 +465,9 @@ def get_args(argv=None):
     g.add_argument("--timesteps", type=int, default=1000, help="T, diffusion steps (paper: 1000)")
     g.add_argument("--schedule", default="linear", help="linear (paper) or cosine (Nichol & Dhariwal)")
     g.add_argument("--pred", default="eps", choices=("eps", "x0", "v"), help="what the network predicts (paper: eps)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
+    g.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights used for sampling; 0 (the default): the raw weights, which the "
+                        "learning-rate decay to zero already averages; the paper: 0.9999 at a constant rate")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="DDIM (Song et al.) or ancestral DDPM")
     g.add_argument("--sample-steps", type=int, default=100, help="reverse steps (<= T; DDPM paper: all T)")

@@ -419,8 +419,8 @@ def markdown_table(results):
 # ----------------------------------------------------------------------------- the diffusion model
 
 def load_ddpm(args, device):
-    """ddpm.py's EMA model and schedule from --ckpt, and its run arguments; with the default --ckpt missing,
-    train ddpm.py's default model first."""
+    """ddpm.py's sampling weights (the checkpoint's `ema` entry: the raw weights under ddpm.py's default --ema 0) and
+    schedule from --ckpt, and its run arguments; with the default --ckpt missing, train ddpm.py's default model first."""
     path = Path(args.ckpt or Path(args.out) / "ddpm" / "default" / "ckpt.pt")
     if not path.exists():
         if args.ckpt:

@@ -202,6 +202,17 @@ def test_training_runs_in_the_layout_memory_format_picks_and_resumes_in_the_othe
     assert moments and all(v.is_contiguous() for v in moments)
 
 
+@pytest.mark.parametrize("script", [ddpm, cddpm])
+def test_samples_come_from_the_raw_weights_by_default_and_from_their_average_with_ema(tmp_path, script):
+    extra = ("--unseen-samples", "4", "--guidance-sweep", "0") if script is cddpm else ()
+    for ema, name in ((None, "raw"), ("0.9", "ema")):
+        script.main(cli(tmp_path, *extra, "--steps", "3", "--eval-every", "3", "--name", name,
+                        *(("--ema", ema) if ema else ())))
+        state = torch.load(tmp_path / script.__name__ / name / "ckpt.pt", weights_only=False)
+        same = all(torch.equal(state["ema"][k], v) for k, v in state["model"].items())
+        assert same == (ema is None), name
+
+
 def test_cli_resume_and_sample_only(tmp_path):
     ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
     run = tmp_path / "ddpm" / "t"
