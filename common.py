@@ -1323,9 +1323,13 @@ def load_checkpoint(path, args, model_flags, device="cpu"):
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {e}")
     saved = state.get("args", {})
-    differ = [f for f in model_flags if f in saved and saved[f] != getattr(args, f)]
+    flag = lambda f: "--" + f.replace("_", "-")
+    unrecorded = [flag(f) for f in model_flags if f not in saved]
+    if unrecorded:                              # made by an older version of the script, before the flag existed
+        fail(f"checkpoint {path} does not record {', '.join(unrecorded)}: it was made by an older version of the "
+             "script; train it again")
+    differ = [f for f in model_flags if saved[f] != getattr(args, f)]
     if differ:
-        flag = lambda f: "--" + f.replace("_", "-")
         fail(f"checkpoint {path} was made with " + ", ".join(f"{flag(f)} {saved[f]}" for f in differ)
              + "; this run has " + ", ".join(f"{flag(f)} {getattr(args, f)}" for f in differ)
              + ": pass the same flags")

@@ -13,7 +13,7 @@ K = 4
 TINY = dict(image_size=8, channels=16, channel_mult=(1, 2), blocks=1, attn_res=(4,), heads=2)
 
 
-def tiny_model(cond="embedding", inject="shift"):
+def tiny_model(cond="embedding", inject="scale-shift"):
     torch.manual_seed(0)
     model = cddpm.ConditionalUNet(K, in_channels=3, cond=cond, inject=inject, **TINY)
     for p in model.parameters():               # zero-initialised last convs hide the embeddings at init;

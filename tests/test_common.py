@@ -300,6 +300,14 @@ def test_unreadable_checkpoint(tmp_path):
         common.load_checkpoint(tmp_path / "none.pt", make_args(), [])
 
 
+def test_checkpoint_older_than_a_model_flag(tmp_path):
+    """A checkpoint whose args lack a flag that shapes the model (it predates the flag) gets a one-line error."""
+    torch.save({"args": {"channels": 8}, "step": 1}, tmp_path / "old.pt")
+    assert common.load_checkpoint(tmp_path / "old.pt", make_args(), ["channels"])["step"] == 1
+    with pytest.raises(SystemExit, match="does not record --inject: it was made by an older version"):
+        common.load_checkpoint(tmp_path / "old.pt", make_args(inject="scale-shift"), ["channels", "inject"])
+
+
 def test_finish_writes_plot_grid_and_final(tmp_path):
     run = common.Run("toy", make_args(out=str(tmp_path), name="b"))
     for step in range(50):

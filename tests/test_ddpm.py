@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cddpm
 import common
@@ -146,8 +147,32 @@ def test_model_shapes_time_dependence_and_default_size():
     for p in model.parameters():               # zero-initialised last convs make the output time-independent
         torch.nn.init.normal_(p, std=0.05)     # at init; randomise to see the time embedding at work
     assert not torch.allclose(model(x, torch.tensor([1, 1])), model(x, torch.tensor([900, 900])))
-    args = ddpm.get_args([])
-    assert sum(p.numel() for p in ddpm.build(args, 3)[0].parameters()) == 1_624_323
+    paper = tiny_model(inject="shift")         # the paper's block: the embedding added before the GroupNorm
+    for p in paper.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    assert not torch.allclose(paper(x, torch.tensor([1, 1])), paper(x, torch.tensor([900, 900])))
+    count = lambda argv: sum(p.numel() for p in ddpm.build(ddpm.get_args(argv), 3)[0].parameters())
+    assert count([]) == 1_744_035 and count(["--inject", "shift"]) == 1_624_323   # AdaGN: twice the projection
+
+
+def test_adagn_scales_and_shifts_the_normalised_features():
+    """With the embedding's projection fixed to a known (s, b), a block computes GroupNorm(h) (1 + s) + b; the
+    paper's block, GroupNorm(h + b), loses b's mean over each group of channels."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    s, b = torch.linspace(-0.5, 0.5, 16), torch.linspace(1.0, 2.0, 16)
+    for scale_shift in (True, False):
+        block = ddpm.ResBlock(16, 16, 8, 0.0, scale_shift).eval()
+        torch.nn.init.normal_(block.conv2.weight, std=0.1)
+        torch.nn.init.zeros_(block.emb.weight)             # the projection is its bias alone: (s, b) or b
+        block.emb.bias.data = torch.cat([s, b]) if scale_shift else b
+        h = block.conv1(F.silu(block.norm1(x)))
+        s_, b_ = s[:, None, None], b[:, None, None]
+        inner = block.norm2(h) * (1 + s_) + b_ if scale_shift else block.norm2(h + b_)
+        expected = (x + block.conv2(F.silu(inner))) * ddpm.RES_SCALE
+        assert torch.allclose(block(x, emb), expected, atol=1e-5)
+    uniform_shift = torch.nn.GroupNorm(ddpm.GROUPS, 16)
+    assert torch.allclose(uniform_shift(h + 3.0), uniform_shift(h), atol=1e-5)    # a shift the norm removes entirely
 
 
 def test_loss_falls_on_a_tiny_batch():
@@ -235,3 +260,5 @@ def test_cli_resume_and_sample_only(tmp_path):
     assert (run / "samples_ddpm5_beta_tilde.png").exists() and (run / "reverse_process_ddpm5_beta_tilde.png").exists()
     with pytest.raises(SystemExit, match="was made with --channels 16; this run has --channels 32"):
         ddpm.main(cli(tmp_path, "--resume", "--channels", "32"))
+    with pytest.raises(SystemExit, match="was made with --inject scale-shift; this run has --inject shift"):
+        ddpm.main(cli(tmp_path, "--resume", "--inject", "shift"))

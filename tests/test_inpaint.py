@@ -210,6 +210,11 @@ def test_cli_writes_the_table_figures_and_final(tmp_path, capsys):
         inpaint.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a checkpoint of ddpm.py"):
         inpaint.main(["--ckpt", str(tmp_path / "inpaint" / "i" / "results.md"), "--out", str(tmp_path)])
+    old = torch.load(ckpt, weights_only=False)                           # as saved before --inject existed
+    del old["args"]["inject"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="does not record --inject: it was made by an older version of ddpm.py"):
+        inpaint.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path)])
     for flags, message in ((["--masks", "ring"], "unknown --masks entry 'ring'"),
                            (["--dip-iters", "0"], "--dip-iters must be at least 1"),
                            (["--fraction", "1"], "--fraction must be between 0 and 1")):
