@@ -1313,6 +1313,11 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
+def unrecorded_flags(saved_args, model_flags):
+    """The model flags a checkpoint's saved args lack, as '--flag-name': it predates them (an older script)."""
+    return ["--" + f.replace("_", "-") for f in model_flags if f not in saved_args]
+
+
 def load_checkpoint(path, args, model_flags, device="cpu"):
     """Load a checkpoint and check that the flags which shape the model agree with `args`."""
     path = Path(path)
@@ -1324,7 +1329,7 @@ def load_checkpoint(path, args, model_flags, device="cpu"):
         fail(f"cannot read checkpoint {path}: {e}")
     saved = state.get("args", {})
     flag = lambda f: "--" + f.replace("_", "-")
-    unrecorded = [flag(f) for f in model_flags if f not in saved]
+    unrecorded = unrecorded_flags(saved, model_flags)
     if unrecorded:                              # made by an older version of the script, before the flag existed
         fail(f"checkpoint {path} does not record {', '.join(unrecorded)}: it was made by an older version of the "
              "script; train it again")

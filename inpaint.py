@@ -429,7 +429,7 @@ def load_ddpm(args, device):
         ddpm.main(["--name", "default", "--out", args.out, "--data-dir", args.data_dir, "--device", args.device])
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        unrecorded = ", ".join("--" + f.replace("_", "-") for f in ddpm.MODEL_FLAGS if f not in state["args"])
+        unrecorded = ", ".join(common.unrecorded_flags(state["args"], ddpm.MODEL_FLAGS))
         if unrecorded:
             common.fail(f"--ckpt {path} does not record {unrecorded}: it was made by an older version of ddpm.py; "
                         "move that run away (python inpaint.py then trains the current default) or pass --ckpt")
