@@ -4,6 +4,8 @@
     python bench/ddpm_speed.py --image-size 16         # the default run's image size
     python bench/ddpm_speed.py --reference             # also the Unet of denoising_diffusion_pytorch (see below)
     python bench/ddpm_speed.py --compile               # also torch.compile (about 2 minutes to compile)
+    python bench/ddpm_speed.py --image-size 16 --versus "--blocks 2 --attn-res 8"
+                                                       # also another U-Net shape (here the paper's), in bf16
     python bench/ddpm_speed.py --device cuda --channels 128 --channel-mult 1,2,2,2 --attn-res 16 --batch-size 128
                                                        # the paper's CIFAR-10 U-Net on a GPU (ddpm.py's flags pass through)
 
@@ -39,6 +41,7 @@ VARIANTS = {  # name: (channels_last, amp, fused AdamW, torch.compile)
 }
 COMPILED = "fp32 + fused AdamW + channels_last + compile"
 REFERENCE = "denoising_diffusion_pytorch Unet, fp32"
+VERSUS = "--versus U-Net, bf16 autocast + fused AdamW"
 
 
 def synchronize(device):
@@ -102,8 +105,11 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=16, help="images per sampling measurement; 0: skip sampling")
     p.add_argument("--reference", action="store_true", help="also time denoising_diffusion_pytorch's Unet")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd U-Net")
+    p.add_argument("--versus", default=None,
+                   help='also time the U-Net that these ddpm.py flags build, e.g. "--blocks 2 --attn-res 8"')
     args, rest = p.parse_known_args(argv)
     model_args = ddpm.get_args(["--image-size", str(args.image_size), *rest])
+    versus_args = args.versus and ddpm.get_args(["--image-size", str(args.image_size), *rest, *args.versus.split()])
     device = common.get_device(model_args.device)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, image {args.image_size}px, "
@@ -114,9 +120,12 @@ def main(argv=None):
         variants[COMPILED] = (True, "off", True, True)
     if args.reference:
         variants[REFERENCE] = (False, "off", True, False)
+    if args.versus:
+        variants[VERSUS] = (False, "bf16", True, False)
     setups = {}
     for name, (channels_last, amp, fused, compiled) in variants.items():
-        model = reference_unet() if name == REFERENCE else ddpm.build(model_args, 3)[0]
+        model = (reference_unet() if name == REFERENCE else
+                 ddpm.build(versus_args if name == VERSUS else model_args, 3)[0])
         schedule = ddpm.Schedule(model_args.timesteps, model_args.schedule)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model, schedule = model.to(device, memory_format=fmt), schedule.to(device)

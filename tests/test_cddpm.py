@@ -33,6 +33,12 @@ def test_the_condition_changes_the_prediction(cond, inject):
             assert (eps[a] - eps[b]).abs().max() > 1e-5, (a, b)          # far above float rounding
 
 
+def test_parameter_counts_of_the_readme():
+    """The default U-Net (one block per level, attention in the middle only) and the paper-shaped one."""
+    count = lambda argv: sum(p.numel() for p in cddpm.build(cddpm.get_args(argv), 10, 3)[0].parameters())
+    assert count([]) == 1_143_491 and count(["--blocks", "2", "--attn-res", "8"]) == 1_745_443
+
+
 def quadrant_data(n=64):
     """Class y in 0..3: a white 4x4 square in quadrant y of a black 8x8 image."""
     y = torch.arange(n) % K

@@ -152,7 +152,9 @@ def test_model_shapes_time_dependence_and_default_size():
         torch.nn.init.normal_(p, std=0.05)
     assert not torch.allclose(paper(x, torch.tensor([1, 1])), paper(x, torch.tensor([900, 900])))
     count = lambda argv: sum(p.numel() for p in ddpm.build(ddpm.get_args(argv), 3)[0].parameters())
-    assert count([]) == 1_744_035 and count(["--inject", "shift"]) == 1_624_323   # AdaGN: twice the projection
+    paper_shape = ["--blocks", "2", "--attn-res", "8"]
+    assert count([]) == 1_142_083 and count(paper_shape) == 1_744_035            # the README's counts
+    assert count(paper_shape + ["--inject", "shift"]) == 1_624_323               # AdaGN: twice the projection
 
 
 def test_adagn_scales_and_shifts_the_normalised_features():
