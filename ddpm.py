@@ -57,9 +57,9 @@ Differences from the paper:
   paper: Adam at 2e-4, warmup 5000, constant after it, clip 1.0).
 - Samples come from the raw weights by default (`--ema 0`), not from an exponential moving average of them (the
   paper: decay 0.9999). Averaging the weights of the last steps is what the learning-rate decay to zero already
-  does, and after 3,500 steps the average (`--ema 0.999`) lags behind: with `--inject shift`, Frechet
-  distance 56.7 against 48.4 for the raw weights, 43.7% confident samples against 45.0% (README). At a constant
-  rate the EMA helps.
+  does, and after 3,500 steps the average (`--ema 0.999`) lags behind: with the paper-shaped U-Net and
+  `--inject shift`, Frechet distance 56.7 against 48.4 for the raw weights, 43.7% confident samples against
+  45.0% (README). At a constant rate the EMA helps.
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
 - Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
@@ -334,8 +334,9 @@ def build(args, channels):
 
 def memory_format(args, device):
     """The faster layout for this U-Net. channels_last (NHWC) speeds a float32 training step 1.0-1.2x on this CPU,
-    but under bf16 autocast oneDNN runs it slower than the default NCHW (16px: 0.95x against 1.53x float32 NCHW;
-    32px: 1.28x against 1.67x; bench/ddpm_speed.py), so autocast on a CPU keeps NCHW. GPUs prefer NHWC either way."""
+    but under bf16 autocast oneDNN runs it slower than the default NCHW (16px: 1.35x against 1.58x float32 NCHW,
+    the paper-shaped U-Net 0.95x against 1.53x; 32px: 1.28x against 1.67x; bench/ddpm_speed.py), so autocast on
+    a CPU keeps NCHW. GPUs prefer NHWC either way."""
     cpu_autocast = device.type == "cpu" and common.amp_enabled(args.amp, device)
     return torch.contiguous_format if cpu_autocast else torch.channels_last
 
