@@ -57,8 +57,7 @@ one residual block per level and self-attention only in the 4x4 middle. The budg
 paper's shape at this width (two blocks per level, attention at 8x8 as well: `--blocks 2 --attn-res 8`, 1.7M
 parameters, the default before) takes 1.8-1.9x as long per training step here: 6,000 steps of this one, with
 the evaluation, ran in 16 minutes where 2,500 of the larger took 14.6, for 94.7% conditional accuracy at w = 2
-against 62.5%: when training time is what runs out, a smaller network
-that sees more images wins. Also: 50 ancestral sampling steps (the paper: 256); no data augmentation; AdamW at
+against 62.5%: when training time is what runs out, a smaller network that sees more images wins. Also: 50 ancestral sampling steps (the paper: 256); no data augmentation; AdamW at
 2e-3 after a warm-up, decayed linearly to zero over the last 30% of the steps (`--lr-decay`; ddpm.py's recipe,
 which lowers the test loss of a short run by 5-8%); samples from the raw weights (`--ema 0`, as ddpm.py: with the
 rate decayed to zero an average of the weights adds nothing: a 2,500-step run of the larger U-Net with

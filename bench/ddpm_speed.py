@@ -6,8 +6,8 @@
     python bench/ddpm_speed.py --compile               # also torch.compile (about 2 minutes to compile)
     python bench/ddpm_speed.py --image-size 16 --versus "--blocks 2 --attn-res 8"
                                                        # also another U-Net shape (here the paper's), in bf16
-    python bench/ddpm_speed.py --device cuda --channels 128 --channel-mult 1,2,2,2 --blocks 2 --attn-res 16 --batch-size 128
-                                                       # the paper's CIFAR-10 U-Net on a GPU (ddpm.py's flags pass through)
+    python bench/ddpm_speed.py --device cuda --channels 128 --channel-mult 1,2,2,2 --blocks 2 --attn-res 16 \
+        --batch-size 128                               # the paper's CIFAR-10 U-Net on a GPU (ddpm.py's flags pass through)
 
 Every variant runs the same training step (ddpm.loss, backward, AdamW) on the same batch; variants are timed
 interleaved, round after round, and reported as medians and as ratios to plain fp32: absolute speed drifts
