@@ -2,11 +2,13 @@
 
 Papers: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 (DDPM);
 Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502 (DDIM);
-Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672 (cosine schedule).
+Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672 (cosine schedule);
+Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", arXiv:2406.02507 (autoguidance).
 
     python ddpm.py                                     # embedded shapes, 16px, small U-Net (see README for time)
     python ddpm.py --dataset cifar10 --steps 1000      # real images
     python ddpm.py --sample-only --name <run>          # sample from a trained run's checkpoint
+    python ddpm.py --sample-only --name <run> --guidance 1   # the same without autoguidance
 
 Forward process. Images x_0 are scaled to [-1, 1]. With beta_t the noise schedule, alpha_t = 1 - beta_t and
 alpha_bar_t = prod_{s<=t} alpha_s,
@@ -37,6 +39,23 @@ averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="me
 `--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022) with the same unweighted MSE, as ablations.
 
+Autoguidance (Karras et al. 2024). An unconditional model has no class to guide towards, but it can be guided
+away from its own mistakes. A weaker model D_0 of the same kind makes the same errors as the trained model D_1,
+only larger. Here D_0 is the same U-Net after the first 15% of the training steps (`--guide-at`): an average of
+its weights over those steps (an EMA with decay 0.99, so mostly their last hundred), frozen from then on. Each
+sampling step extrapolates from the weaker prediction through the trained one,
+
+    out_w(x_t, t) = out_0(x_t, t) + w (out_1(x_t, t) - out_0(x_t, t)),     w = `--guidance` (1: no guidance)
+
+in the network's output space; eps, x_0 and v are affine in one another at a given x_t, so it is the same
+extrapolation of the predicted clean image. In score terms each step follows the score of p_1(x_t) (p_1(x_t) /
+p_0(x_t))^(w-1): the direction in which training improved the model is followed further, which pulls samples out
+of the regions between shapes where the weaker model is most wrong. Unlike classifier-free guidance it needs no
+condition and does not trade diversity for fidelity. It costs two network evaluations per sampling step and no
+extra training; the guide rides along in the checkpoint. On the default run, w = 2 lowers the Frechet distance
+from 23.1 to 15.6 and raises the share of samples the reference classifier is sure of from 51.4% to 59.3%
+(README, which also compares other guides and weights).
+
 Index convention: the code's t runs 0..T-1 and stands for the paper's t = 1..T; alpha_bar_prev at t = 0 is 1.
 
 Differences from the paper:
@@ -60,6 +79,7 @@ Differences from the paper:
   does, and after 3,500 steps the average (`--ema 0.999`) lags behind: with the paper-shaped U-Net and
   `--inject shift`, Frechet distance 56.7 against 48.4 for the raw weights, 43.7% confident samples against
   45.0% (README). At a constant rate the EMA helps.
+- Samples are autoguided by default (above; `--guidance 1` samples the trained network alone, as the paper does).
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
 - Upsampling by nearest neighbour and a convolution; attention with several heads via scaled_dot_product_attention.
@@ -82,6 +102,7 @@ GROUPS = 8              # GroupNorm groups (the paper: 32, at 128+ channels)
 RES_SCALE = 2 ** -0.5   # keeps the residual sum at unit variance when both branches have it
 WARMUP = 200            # optimiser steps of linear learning-rate warmup (the paper: 5000 over 800k steps)
 GRAD_CLIP = 1.0         # global gradient-norm clip (the paper's code)
+GUIDE_EMA = 0.99        # EMA decay of the autoguidance guide: it averages about the last 100 steps before --guide-at
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -256,6 +277,19 @@ def predict_x0_eps(model_out, xt, ab, pred, clip):
     return x0, (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
 
 
+class Autoguided(nn.Module):
+    """out_0 + w (out_1 - out_0): the trained `model` (out_1) extrapolated away from the weaker `guide` (out_0)."""
+
+    def __init__(self, model, guide, weight):
+        super().__init__()
+        self.model, self.guide, self.weight = model, guide, weight
+
+    def forward(self, x, t):
+        out = self.model(x, t)
+        weak = self.guide(x, t)
+        return weak + self.weight * (out - weak)
+
+
 def timestep_sequence(timesteps, sample_steps, spacing="uniform"):
     """The kept timesteps, from high to low. uniform and quadratic run from T-1 to 0 (DDIM paper, App. D.2);
     trailing (Lin et al. 2024) takes T-1, T-1-T/S, ... and so starts exactly at the last training step."""
@@ -364,6 +398,16 @@ def sampler_settings(args):
                 variance=args.variance, pred=args.pred, clip=args.clip)
 
 
+def sampling_network(ema, guide, args):
+    """What the sampler calls: the sampling weights, autoguided by the guide unless --guidance is 1."""
+    if args.guidance == 1:
+        return ema
+    if guide is None:
+        common.fail("this checkpoint holds no autoguidance guide (it was made before ddpm.py had one); "
+                    "sample it with --guidance 1")
+    return Autoguided(ema, guide, args.guidance)
+
+
 def generate(model, schedule, args, n, device):
     """Samples in batches of --sample-batch with the flags' sampler settings; returns (images, seconds per image)."""
     start, images = time.perf_counter(), []
@@ -372,6 +416,15 @@ def generate(model, schedule, args, n, device):
             images.append(sample(model, schedule, min(args.sample_batch, n - b), args.image_size, args.in_channels,
                                  seed=args.seed + i, **sampler_settings(args)).float().cpu())
     return torch.cat(images), (time.perf_counter() - start) / n
+
+
+@torch.no_grad()
+def update_average(average, model, decay, step):
+    """EMA of the weights: theta_avg <- d theta_avg + (1 - d) theta; d = 0 copies. The decay ramps up as
+    (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_avg, p in zip(average.parameters(), model.parameters()):
+        p_avg.lerp_(p, 1 - d)
 
 
 def train(args):
@@ -384,12 +437,16 @@ def train(args):
     layout = memory_format(args, device)
     model, schedule = model.to(device, memory_format=layout), schedule.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    guide = copy.deepcopy(model).requires_grad_(False).eval()   # autoguidance: an EMA of the first guide_step steps
     parameters = common.count_parameters(model)
     print(f"U-Net: {parameters:,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                             fused=device.type in ("cuda", "cpu"))
     scaler = common.grad_scaler(args.amp, device)
     steps = common.total_steps(args, data.train)
+    if not 0 < args.guide_at <= 1:
+        common.fail(f"--guide-at is a fraction of the training steps in (0, 1], got {args.guide_at}")
+    guide_step = max(1, round(args.guide_at * steps))
     start = 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
     if state:
@@ -398,6 +455,12 @@ def train(args):
         common.load_optimizer_state(opt, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start = state["step"]
+        if state.get("guide") is not None:
+            guide.load_state_dict(state["guide"])
+        else:                                          # made before autoguidance existed
+            guide = None
+        if start >= guide_step:
+            sampling_network(ema, guide, args)        # a checkpoint without the guide fails now, not after training
     if args.sample_only:
         steps = start
     net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
@@ -418,12 +481,9 @@ def train(args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         scaler.step(opt)
         scaler.update()
-        # EMA of the weights: theta_ema <- d theta_ema + (1 - d) theta; d = 0 (the default) copies. The decay ramps
-        # up as (1 + step) / (10 + step) so that early on the average is not dominated by the random initial weights.
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        update_average(ema, model, args.ema, step)
+        if guide is not None and step < guide_step:     # then frozen: a weaker model with the same errors
+            update_average(guide, model, GUIDE_EMA, step)
         run.log(step + 1, "train", loss=l.item())
         bar.set_postfix(loss=f"{l.item():.4f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
@@ -433,35 +493,39 @@ def train(args):
                 run.log(step + 1, "val", loss=val)
                 tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (sampling weights) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
-                                    optimizer=opt.state_dict(), scaler=scaler.state_dict())
-                run.save_grid(generate(ema, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
-    return run, ema, schedule, data, parameters, device, steps
+                                    guide=guide.state_dict() if guide is not None else None, optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict())
+                network = sampling_network(ema, guide, args) if step + 1 >= guide_step else ema
+                run.save_grid(generate(network, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
+    return run, sampling_network(ema, guide, args), ema, schedule, data, parameters, device, steps
 
 
 def sampler_tag(args):
     """Names a --sample-only run's files after its sampler, e.g. ddim50_eta0 or ddpm1000_beta_tilde."""
     tag = f"{args.sampler}{args.sample_steps}_" + (f"eta{args.eta:g}" if args.sampler == "ddim" else args.variance)
-    return tag + ("" if args.spacing == "uniform" else f"_{args.spacing}") + ("" if args.clip else "_noclip")
+    tag += "" if args.spacing == "uniform" else f"_{args.spacing}"
+    return tag + ("" if args.clip else "_noclip") + ("" if args.guidance == 1 else f"_autoguide{args.guidance:g}")
 
 
-def report(run, ema, schedule, data, parameters, device, steps, args):
-    """Test loss, the figures, and the Frechet distance of --fid-samples samples against the test split.
-    After --sample-only, files are named after the sampler (samples_<tag>.png, sampling_<tag>.json) and the
-    test loss, which sampling does not change, is not recomputed."""
-    ema.eval()
+def report(run, network, ema, schedule, data, parameters, device, steps, args):
+    """Test loss of the sampling weights `ema`, the figures, and the Frechet distance of --fid-samples samples of
+    `network` (ema, autoguided unless --guidance 1) against the test split. After --sample-only, files are named
+    after the sampler (samples_<tag>.png, sampling_<tag>.json) and the test loss, which sampling does not change,
+    is not recomputed."""
+    network.eval()
     metrics, suffix = {}, f"_{sampler_tag(args)}" if args.sample_only else ""
     if not args.sample_only:
         metrics["test_loss"] = evaluate(ema, data.test, schedule, args, device)
         run.log(steps, "test", loss=metrics["test_loss"])
-    images, metrics["seconds_per_image"] = generate(ema, schedule, args, 64, device)
+    images, metrics["seconds_per_image"] = generate(network, schedule, args, 64, device)
     run.save_grid(images, f"samples{suffix}.png")
-    _, trajectory = sample(ema, schedule, 8, args.image_size, args.in_channels, seed=args.seed,
+    _, trajectory = sample(network, schedule, 8, args.image_size, args.in_channels, seed=args.seed,
                            keep_every=max(1, args.sample_steps // 8), **sampler_settings(args))
     run.save_grid(torch.stack([x for _, x in trajectory], 1).flatten(0, 1), f"reverse_process{suffix}.png",
                   nrow=len(trajectory))
     if args.fid_samples:
         quality = common.SampleQuality(args, data, device, metric=args.metric)
-        samples, _ = generate(ema, schedule, args, args.fid_samples, device)
+        samples, _ = generate(network, schedule, args, args.fid_samples, device)
         metrics["frechet_distance"] = quality.frechet(samples)
         probs = torch.cat([quality.classifier(b.to(device)).softmax(1).cpu() for b in samples.split(250)])
         metrics["confident_share"] = (probs.max(1).values >= 0.9).float().mean().item()
@@ -502,6 +566,12 @@ def get_args(argv=None):
     g.add_argument("--variance", default="beta_tilde", choices=("beta_tilde", "beta"),
                    help="DDPM sampler variance: posterior beta~_t or beta_t (both in the paper)")
     g.add_argument("--clip", type=int, default=1, help="1: clip predicted x_0 to [-1, 1] at every step; 0: don't")
+    g.add_argument("--guidance", type=float, default=2.0,
+                   help="autoguidance weight w: out_guide + w (out - out_guide); 1: no guidance, one network "
+                        "evaluation per step (Karras et al. 2024)")
+    g.add_argument("--guide-at", type=float, default=0.15,
+                   help="the guide is an average of the weights (EMA, decay 0.99) over this fraction of the "
+                        "training steps, then frozen")
     g.add_argument("--sample-batch", type=int, default=500, help="images per sampling batch")
     g.add_argument("--sample-only", action="store_true",
                    help="sample from run --name's checkpoint (default: the latest run) without training; "

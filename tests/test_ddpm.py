@@ -140,6 +140,20 @@ def test_clipping_rederives_eps_from_the_clipped_x0():
     assert torch.allclose(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, xt)     # still consistent with x_t
 
 
+def test_autoguidance_extrapolates_from_the_guide_through_the_model():
+    model, guide = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 15])
+    with torch.no_grad():
+        out, weak = model(x, t), guide(x, t)
+        assert torch.allclose(ddpm.Autoguided(model, guide, 2.5)(x, t), weak + 2.5 * (out - weak), atol=1e-5)
+        assert torch.allclose(ddpm.Autoguided(model, guide, 1.0)(x, t), out, atol=1e-5)     # w = 1: the model alone
+        assert torch.allclose(ddpm.Autoguided(model, guide, 0.0)(x, t), weak, atol=1e-5)    # w = 0: the guide alone
+        assert torch.allclose(ddpm.Autoguided(model, model, 3.0)(x, t), out, atol=1e-5)     # no gap, no guidance
+
+
 def test_model_shapes_time_dependence_and_default_size():
     model = tiny_model()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 500])
@@ -257,10 +271,37 @@ def test_cli_resume_and_sample_only(tmp_path):
     ddpm.main(cli(tmp_path, "--sample-only", "--sampler", "ddpm"))
     assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 4
     assert records == {f: (run / f).read_text() for f in records}          # the training run's records are kept
-    sampled = json.loads((run / "sampling_ddpm5_beta_tilde.json").read_text())
+    sampled = json.loads((run / "sampling_ddpm5_beta_tilde_autoguide2.json").read_text())
     assert sampled["step"] == 4 and "seconds_per_image" in sampled and "test_loss" not in sampled
-    assert (run / "samples_ddpm5_beta_tilde.png").exists() and (run / "reverse_process_ddpm5_beta_tilde.png").exists()
+    assert all((run / f"{kind}_ddpm5_beta_tilde_autoguide2.png").exists() for kind in ("samples", "reverse_process"))
     with pytest.raises(SystemExit, match="was made with --channels 16; this run has --channels 32"):
         ddpm.main(cli(tmp_path, "--resume", "--channels", "32"))
     with pytest.raises(SystemExit, match="was made with --inject scale-shift; this run has --inject shift"):
         ddpm.main(cli(tmp_path, "--resume", "--inject", "shift"))
+
+
+def test_the_guide_averages_the_first_guide_at_of_the_training_steps_and_then_stays(tmp_path):
+    same = ("--lr-decay", "0", "--amp", "off")          # the first two steps then run alike in both runs
+    ddpm.main(cli(tmp_path, "--steps", "4", "--eval-every", "4", "--guide-at", "0.5", *same))
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--guide-at", "1", *same, "--name", "two"))
+    four = torch.load(tmp_path / "ddpm" / "t" / "ckpt.pt", weights_only=False)
+    two = torch.load(tmp_path / "ddpm" / "two" / "ckpt.pt", weights_only=False)
+    close = lambda a, b: all(torch.allclose(a[k], v, atol=1e-6) for k, v in b.items())
+    assert close(four["guide"], two["guide"])           # frozen after step 2 of 4
+    assert not close(two["guide"], two["model"])        # an average, not the weights of step 2
+    assert not close(four["guide"], four["model"])
+    assert json.loads((tmp_path / "ddpm" / "t" / "final.json").read_text())["step"] == 4
+
+
+def test_a_checkpoint_without_a_guide_samples_only_unguided(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
+    path = tmp_path / "ddpm" / "t" / "ckpt.pt"
+    state = torch.load(path, weights_only=False)
+    del state["guide"]                                   # as a checkpoint made before --guide-at existed
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match="holds no autoguidance guide.*sample it with --guidance 1"):
+        ddpm.main(cli(tmp_path, "--sample-only"))
+    ddpm.main(cli(tmp_path, "--sample-only", "--guidance", "1"))
+    assert (tmp_path / "ddpm" / "t" / "sampling_ddim5_eta0.json").exists()
+    with pytest.raises(SystemExit, match="--guide-at is a fraction of the training steps"):
+        ddpm.main(cli(tmp_path, "--steps", "2", "--guide-at", "0", "--name", "g0"))
