@@ -66,7 +66,7 @@ Differences from the paper:
   only in the middle (the paper: at 16x16 too). The budget is wall-clock time, and the paper's shape at this width
   (`--blocks 2 --attn-res 8`, 1.7M parameters) takes 1.8-1.9x as long per training step here, so the default's
   6,500 steps take the time its 3,500 did: Frechet distance 23.1 against 33.1, 51.4% confident samples against
-  47.3% (README). Capacity is not what runs out on 16px shapes; images seen are.
+  47.3%, both without autoguidance (README). Capacity is not what runs out on 16px shapes; images seen are.
 - The time embedding enters each residual block as a scale and shift of the normalised features,
   GroupNorm(h) (1 + s) + b with [s, b] = W emb (AdaGN, Dhariwal & Nichol 2021, arXiv:2105.05233), not as the
   paper's shift before the norm, GroupNorm(h + W emb) (`--inject shift`), which the norm partly undoes (it removes
@@ -445,8 +445,6 @@ def train(args):
                             fused=device.type in ("cuda", "cpu"))
     scaler = common.grad_scaler(args.amp, device)
     steps = common.total_steps(args, data.train)
-    if not 0 < args.guide_at <= 1:
-        common.fail(f"--guide-at is a fraction of the training steps in (0, 1], got {args.guide_at}")
     guide_step = max(1, round(args.guide_at * steps))
     start = 0
     state = run.load_checkpoint(MODEL_FLAGS, device)
@@ -458,10 +456,10 @@ def train(args):
         start = state["step"]
         if state.get("guide") is not None:
             guide.load_state_dict(state["guide"])
+            guide_step = state["guide_step"]          # a longer resumed run keeps the guide it had
         else:                                          # made before autoguidance existed
             guide = None
-        if start >= guide_step:
-            sampling_network(ema, guide, args)        # a checkpoint without the guide fails now, not after training
+        sampling_network(ema, guide, args)            # a checkpoint without a guide fails now, not after training
     if args.sample_only:
         steps = start
     net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
@@ -494,8 +492,8 @@ def train(args):
                 run.log(step + 1, "val", loss=val)
                 tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (sampling weights) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
-                                    guide=guide.state_dict() if guide is not None else None, optimizer=opt.state_dict(),
-                                    scaler=scaler.state_dict())
+                                    guide=guide.state_dict() if guide is not None else None, guide_step=guide_step,
+                                    optimizer=opt.state_dict(), scaler=scaler.state_dict())
                 network = sampling_network(ema, guide, args) if step + 1 >= guide_step else ema
                 run.save_grid(generate(network, schedule, args, 64, device)[0], f"samples_{step + 1:06d}.png")
     return run, sampling_network(ema, guide, args), ema, schedule, data, parameters, device, steps
@@ -580,7 +578,10 @@ def get_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid-samples", type=int, default=1000, help="samples for the Frechet distance; 0: skip")
     g.add_argument("--metric", default="classifier", help="Frechet features: classifier (offline) or inception")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.guide_at <= 1:
+        common.fail(f"--guide-at is a fraction of the training steps in (0, 1], got {args.guide_at}")
+    return args
 
 
 def main(argv=None):

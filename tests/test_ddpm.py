@@ -281,16 +281,19 @@ def test_cli_resume_and_sample_only(tmp_path):
 
 
 def test_the_guide_averages_the_first_guide_at_of_the_training_steps_and_then_stays(tmp_path):
-    same = ("--lr-decay", "0", "--amp", "off")          # the first two steps then run alike in both runs
+    same = ("--lr-decay", "0", "--amp", "off")          # the first steps then run alike in every run
     ddpm.main(cli(tmp_path, "--steps", "4", "--eval-every", "4", "--guide-at", "0.5", *same))
-    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--guide-at", "1", *same, "--name", "two"))
-    four = torch.load(tmp_path / "ddpm" / "t" / "ckpt.pt", weights_only=False)
-    two = torch.load(tmp_path / "ddpm" / "two" / "ckpt.pt", weights_only=False)
+    for steps, name in (("1", "one"), ("2", "two")):
+        ddpm.main(cli(tmp_path, "--steps", steps, "--eval-every", steps, "--guide-at", "1", *same, "--name", name))
+    one, two, four = (torch.load(tmp_path / "ddpm" / n / "ckpt.pt", weights_only=False) for n in ("one", "two", "t"))
     close = lambda a, b: all(torch.allclose(a[k], v, atol=1e-6) for k, v in b.items())
+    d = 2 / 11                                          # the EMA's ramped decay at the second step, (1 + 1) / (10 + 1)
+    assert close(two["guide"], {k: d * v + (1 - d) * two["model"][k] for k, v in one["guide"].items()})
     assert close(four["guide"], two["guide"])           # frozen after step 2 of 4
-    assert not close(two["guide"], two["model"])        # an average, not the weights of step 2
     assert not close(four["guide"], four["model"])
-    assert json.loads((tmp_path / "ddpm" / "t" / "final.json").read_text())["step"] == 4
+    # resumed for longer, the run keeps the guide it has instead of averaging again up to 50% of the new total
+    ddpm.main(cli(tmp_path, "--steps", "12", "--eval-every", "12", "--guide-at", "0.5", *same, "--resume"))
+    assert close(torch.load(tmp_path / "ddpm" / "t" / "ckpt.pt", weights_only=False)["guide"], two["guide"])
 
 
 def test_a_checkpoint_without_a_guide_samples_only_unguided(tmp_path):
@@ -301,7 +304,18 @@ def test_a_checkpoint_without_a_guide_samples_only_unguided(tmp_path):
     torch.save(state, path)
     with pytest.raises(SystemExit, match="holds no autoguidance guide.*sample it with --guidance 1"):
         ddpm.main(cli(tmp_path, "--sample-only"))
+    with pytest.raises(SystemExit, match="holds no autoguidance guide"):        # before any training step
+        ddpm.main(cli(tmp_path, "--steps", "4", "--eval-every", "2", "--resume"))
+    assert torch.load(path, weights_only=False)["step"] == 2
     ddpm.main(cli(tmp_path, "--sample-only", "--guidance", "1"))
     assert (tmp_path / "ddpm" / "t" / "sampling_ddim5_eta0.json").exists()
+
+
+def test_sampling_goes_through_the_guide(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
+    run = tmp_path / "ddpm" / "t"
+    for w in ("1", "3"):
+        ddpm.main(cli(tmp_path, "--sample-only", "--guidance", w))
+    assert (run / "samples_ddim5_eta0.png").read_bytes() != (run / "samples_ddim5_eta0_autoguide3.png").read_bytes()
     with pytest.raises(SystemExit, match="--guide-at is a fraction of the training steps"):
         ddpm.main(cli(tmp_path, "--steps", "2", "--guide-at", "0", "--name", "g0"))
