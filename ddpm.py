@@ -38,6 +38,13 @@ harder, noisier t, which the paper found gives better samples. `loss()` returns 
 averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="mean"), i.e. L_simple / D.
 `--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022) with the same unweighted MSE, as ablations.
+`--min-snr gamma` puts weights back, differently (Min-SNR, Hang et al. 2023, arXiv:2303.09556). With
+SNR_t = alpha_bar_t / (1 - alpha_bar_t), every target's error is a multiple of the x_0 error:
+||eps - eps^||^2 = SNR_t ||x_0 - x_0^||^2 and ||v - v^||^2 = (SNR_t + 1) ||x_0 - x_0^||^2. Min-SNR trains on
+min(SNR_t, gamma) ||x_0 - x_0^||^2, i.e. weights L_simple's eps error by min(SNR_t, gamma) / SNR_t: the same as
+L_simple where SNR_t <= gamma (the noisy t), less where images are nearly clean (t < 130 of 1000 for gamma = 5 on
+the linear schedule). On the default run it did not help (README), so it stays an ablation; validation and test
+losses stay L_simple / D, so they compare across weightings.
 
 Autoguidance (Karras et al. 2024). An unconditional model has no class to guide towards, but it can be guided
 away from its own mistakes. A weaker model D_0 of the same kind makes the same errors as the trained model D_1,
@@ -255,14 +262,20 @@ def q_posterior(x0, xt, t, schedule):
     return mean, (1 - ab_prev) / (1 - ab) * beta
 
 
-def loss(model, x0, schedule, pred="eps"):
-    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v."""
+def loss(model, x0, schedule, pred="eps", min_snr=0.0):
+    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v.
+    min_snr = gamma > 0 weights each t by min(SNR_t, gamma) / SNR_t (for eps; Min-SNR, see the docstring)."""
     t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
     eps = torch.randn_like(x0)
     xt = q_sample(x0, t, schedule, eps)
     ab = expand(schedule.alpha_bar, t)
     target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[pred]
-    return F.mse_loss(model(xt, t).float(), target)
+    out = model(xt, t).float()
+    if not min_snr:
+        return F.mse_loss(out, target)
+    snr = ab.flatten() / (1 - ab.flatten())
+    weight = snr.clamp(max=min_snr) / {"eps": snr, "x0": 1, "v": snr + 1}[pred]
+    return (weight * (out - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
 def predict_x0_eps(model_out, xt, ab, pred, clip):
@@ -472,7 +485,7 @@ def train(args):
         x, _ = next(batches)
         x = x.to(device, memory_format=layout)
         with common.autocast(args.amp, device):
-            l = loss(net, x, schedule, args.pred)
+            l = loss(net, x, schedule, args.pred, args.min_snr)
         common.check_finite(l, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(l).backward()
@@ -554,6 +567,8 @@ def get_args(argv=None):
     g.add_argument("--timesteps", type=int, default=1000, help="T, diffusion steps (paper: 1000)")
     g.add_argument("--schedule", default="linear", help="linear (paper) or cosine (Nichol & Dhariwal)")
     g.add_argument("--pred", default="eps", choices=("eps", "x0", "v"), help="what the network predicts (paper: eps)")
+    g.add_argument("--min-snr", type=float, default=0.0,
+                   help="gamma of Min-SNR loss weighting (Hang et al. 2023; 5 in the paper); 0: L_simple")
     g.add_argument("--ema", type=float, default=0.0,
                    help="EMA decay of the weights used for sampling; 0 (the default): the raw weights, which the "
                         "learning-rate decay to zero already averages; the paper: 0.9999 at a constant rate")
@@ -581,6 +596,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.guide_at <= 1:
         common.fail(f"--guide-at is a fraction of the training steps in (0, 1], got {args.guide_at}")
+    if args.min_snr < 0:
+        common.fail(f"--min-snr is the weighting's gamma, > 0 (or 0: L_simple), got {args.min_snr}")
     return args
 
 

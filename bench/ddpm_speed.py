@@ -1,4 +1,5 @@
-"""ddpm.py speed: training images/s under each speed option, and sampling seconds per image, DDPM vs DDIM.
+"""ddpm.py speed: training images/s under each speed option, and sampling seconds per image, DDPM vs DDIM
+(and DDIM autoguided, as ddpm.py samples by default).
 
     python bench/ddpm_speed.py                         # default model, batch 64, 32x32 (the issue's setting)
     python bench/ddpm_speed.py --image-size 16         # the default run's image size
@@ -20,6 +21,7 @@ install it in a separate environment that reuses this torch:
     /tmp/refvenv/bin/python bench/ddpm_speed.py --reference
 """
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -148,12 +150,14 @@ def main(argv=None):
     if args.samples:
         model, _, schedule, _, _ = setups["fp32 + fused AdamW + channels_last"]
         model.eval()
-        for sampler, steps in (("ddim", 50), ("ddpm", schedule.timesteps)):
+        guided = ddpm.Autoguided(model, copy.deepcopy(model), 2.0)   # ddpm.py's default: two networks per step
+        for sampler, steps, network, what in (("ddim", 50, model, ""), ("ddim", 50, guided, ", autoguided"),
+                                              ("ddpm", schedule.timesteps, model, "")):
             start = time.perf_counter()
-            ddpm.sample(model, schedule, args.samples, args.image_size, sampler=sampler, sample_steps=steps)
+            ddpm.sample(network, schedule, args.samples, args.image_size, sampler=sampler, sample_steps=steps)
             synchronize(device)
             per_image = (time.perf_counter() - start) / args.samples
-            print(f"  sample {sampler} {steps:4d} steps: {per_image:.3f} s/image (batch {args.samples}, fp32)")
+            print(f"  sample {sampler} {steps:4d} steps{what}: {per_image:.3f} s/image (batch {args.samples}, fp32)")
 
 
 if __name__ == "__main__":
