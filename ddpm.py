@@ -3,7 +3,8 @@
 Papers: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 (DDPM);
 Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502 (DDIM);
 Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672 (cosine schedule);
-Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", arXiv:2406.02507 (autoguidance).
+Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", arXiv:2406.02507 (autoguidance);
+Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556 (`--min-snr`).
 
     python ddpm.py                                     # embedded shapes, 16px, small U-Net (see README for time)
     python ddpm.py --dataset cifar10 --steps 1000      # real images
@@ -38,8 +39,9 @@ harder, noisier t, which the paper found gives better samples. `loss()` returns 
 averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="mean"), i.e. L_simple / D.
 `--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022) with the same unweighted MSE, as ablations.
-`--min-snr gamma` puts weights back, differently (Min-SNR, Hang et al. 2023, arXiv:2303.09556). With
-SNR_t = alpha_bar_t / (1 - alpha_bar_t), every target's error is a multiple of the x_0 error:
+`--min-snr gamma` weights the t's again, but unlike the bound it turns the small t down further (Min-SNR, Hang et
+al. 2023, arXiv:2303.09556). With SNR_t = alpha_bar_t / (1 - alpha_bar_t) and x_0^ the clean image a prediction
+implies at the given x_t, every target's error is a multiple of the x_0 error:
 ||eps - eps^||^2 = SNR_t ||x_0 - x_0^||^2 and ||v - v^||^2 = (SNR_t + 1) ||x_0 - x_0^||^2. Min-SNR trains on
 min(SNR_t, gamma) ||x_0 - x_0^||^2, i.e. weights L_simple's eps error by min(SNR_t, gamma) / SNR_t: the same as
 L_simple where SNR_t <= gamma (the noisy t), less where images are nearly clean (t < 130 of 1000 for gamma = 5 on
@@ -264,7 +266,8 @@ def q_posterior(x0, xt, t, schedule):
 
 def loss(model, x0, schedule, pred="eps", min_snr=0.0):
     """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v.
-    min_snr = gamma > 0 weights each t by min(SNR_t, gamma) / SNR_t (for eps; Min-SNR, see the docstring)."""
+    min_snr = gamma > 0 weights each t's error by min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) for x_0 and
+    min(SNR_t, gamma) / (SNR_t + 1) for v (Min-SNR, see the module docstring)."""
     t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
     eps = torch.randn_like(x0)
     xt = q_sample(x0, t, schedule, eps)

@@ -1,5 +1,5 @@
 """ddpm.py speed: training images/s under each speed option, and sampling seconds per image, DDPM vs DDIM
-(and DDIM autoguided, as ddpm.py samples by default).
+(and DDIM-50 autoguided: ddpm.py's default sampler, which runs 100 steps).
 
     python bench/ddpm_speed.py                         # default model, batch 64, 32x32 (the issue's setting)
     python bench/ddpm_speed.py --image-size 16         # the default run's image size

@@ -211,14 +211,15 @@ def test_loss_falls_on_a_tiny_batch():
 def test_min_snr_weighs_each_t_by_min_snr_gamma_in_x0_space_whatever_the_network_predicts(pred):
     """Min-SNR: every parametrisation's error is a multiple of the x_0 error, ||eps - eps^||^2 = SNR ||x_0 - x_0^||^2 and
     ||v - v^||^2 = (SNR + 1) ||x_0 - x_0^||^2, so the weights make all three min(SNR_t, gamma) ||x_0 - x_0^||^2."""
-    s, gamma, miss = ddpm.Schedule(timesteps=1000), 5.0, 0.1
+    s, gamma = ddpm.Schedule(timesteps=1000), 5.0
     x0 = torch.rand(64, 3, 4, 4) * 2 - 1
+    miss = torch.linspace(0.05, 0.2, 64)          # a different x_0 error per image, so weights must pair with images
     seen = []
 
-    def model(xt, t):          # predicts x_0 + 0.1 everywhere, expressed as the target `pred` names
+    def model(xt, t):          # predicts x_0 + miss, expressed as the target `pred` names
         seen.append(t)
         ab = ddpm.expand(s.alpha_bar, t)
-        x0_hat = x0 + miss
+        x0_hat = x0 + miss[:, None, None, None]
         eps_hat = (xt - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
         return {"eps": eps_hat, "x0": x0_hat, "v": ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat}[pred]
 
@@ -227,11 +228,12 @@ def test_min_snr_weighs_each_t_by_min_snr_gamma_in_x0_space_whatever_the_network
     ab = s.alpha_bar[seen[0]]
     snr = ab / (1 - ab)
     assert snr.max() > gamma > snr.min()                        # both sides of the clamp are drawn
-    assert weighted.item() == pytest.approx(miss ** 2 * snr.clamp(max=gamma).mean().item(), rel=1e-4)
+    assert weighted.item() == pytest.approx((miss ** 2 * snr.clamp(max=gamma)).mean().item(), rel=1e-4)
     torch.manual_seed(0)
     unweighted = ddpm.loss(model, x0, s, pred)                  # min_snr = 0: L_simple, the same t
+    assert torch.equal(seen[0], seen[1])
     per_t = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[pred]
-    assert unweighted.item() == pytest.approx(miss ** 2 * per_t.mean().item(), rel=1e-4)
+    assert unweighted.item() == pytest.approx((miss ** 2 * per_t).mean().item(), rel=1e-4)
 
 
 def test_a_negative_min_snr_gamma_is_refused():
