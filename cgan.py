@@ -60,8 +60,8 @@ after 10,000 with these flags in float32). In about 16 minutes this reaches 68% 
 68% with --seed 1 and 2), against 41% for 4,000 steps of gan.py's 32px setting; a float32 run at 69% after 10,000
 steps reaches 75% when trained on to 25,000. Both learning rates decayed linearly to zero over the second half
 (`--lr-decay 0.5`; SNGAN decays linearly) did not help over two seeds; nor, in single runs, did a faster D
-(`--lr-d 8e-4`, 4 times G's rate: 67% against 55% after 4,000 steps, but 69% against 68% after 13,000; 8 times: 61%) or a wider
-G (README: the trials behind all of it).
+(`--lr-d 8e-4`, 4 times G's rate: 67% against 55% after 4,000 steps, but 69% against 68% after 13,000; 8 times
+G's rate: 61%) or a wider G (README: the trials behind all of it).
 
 Differences from the papers: DCGAN-sized networks (Miyato & Koyama use ResNets with spectral norm); AC-GAN's D
 learns the classes from real images only unless `--acgan-on-fakes` (see above).
