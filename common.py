@@ -1165,12 +1165,12 @@ class Run:
         self.check_writer(self.ckpt_path.name)
         save_atomic({"step": step, "args": vars(self.args), **state}, self.ckpt_path)
 
-    def load_checkpoint(self, model_flags, device):
+    def load_checkpoint(self, model_flags, device, implied=None):
         """The checkpoint's state if --resume (or reopened), else None. On --resume, metric records after its step
-        are dropped, since the resumed run will log those steps again."""
+        are dropped, since the resumed run will log those steps again. `implied`: see unrecorded_flags."""
         if not (self.args.resume or self.reopen):
             return None
-        state = load_checkpoint(self.ckpt_path, self.args, model_flags, device)
+        state = load_checkpoint(self.ckpt_path, self.args, model_flags, device, implied)
         if self.reopen or not self.main:
             return state
         kept = [r for r in self.metrics() if r["step"] <= state["step"]]
@@ -1313,13 +1313,18 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def unrecorded_flags(saved_args, model_flags):
-    """The model flags a checkpoint's saved args lack, as '--flag-name': it predates them (an older script)."""
+def unrecorded_flags(saved_args, model_flags, implied=None):
+    """The model flags a checkpoint's saved args lack, as '--flag-name': it predates them (an older script).
+    `implied` maps flags whose absence is no loss to the value an older checkpoint behaves as (a feature it could
+    not have had, e.g. {"self_cond": False}); those are filled into saved_args instead."""
+    for f, value in (implied or {}).items():
+        saved_args.setdefault(f, value)
     return ["--" + f.replace("_", "-") for f in model_flags if f not in saved_args]
 
 
-def load_checkpoint(path, args, model_flags, device="cpu"):
-    """Load a checkpoint and check that the flags which shape the model agree with `args`."""
+def load_checkpoint(path, args, model_flags, device="cpu", implied=None):
+    """Load a checkpoint and check that the flags which shape the model agree with `args` (`implied`: see
+    unrecorded_flags)."""
     path = Path(path)
     if not path.exists():
         fail(f"checkpoint {path} does not exist")
@@ -1327,9 +1332,9 @@ def load_checkpoint(path, args, model_flags, device="cpu"):
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {e}")
-    saved = state.get("args", {})
+    saved = state.setdefault("args", {})
     flag = lambda f: "--" + f.replace("_", "-")
-    unrecorded = unrecorded_flags(saved, model_flags)
+    unrecorded = unrecorded_flags(saved, model_flags, implied)
     if unrecorded:                              # made by an older version of the script, before the flag existed
         fail(f"checkpoint {path} does not record {', '.join(unrecorded)}: it was made by an older version of the "
              "script; train it again")

@@ -167,15 +167,15 @@ def diffusion_inpaint(model, schedule, observed, known, *, sample_steps=50, jump
         guess = observed + (1 - known) * init
         x = alpha_bar(0).sqrt() * guess + (1 - alpha_bar(0)).sqrt() * noise()
     path = resampling_path(len(levels), jump, resample)
-    visited = [(levels[0], x.cpu())]
+    visited, x0 = [(levels[0], x.cpu())], None     # x0: the last x_0 prediction, for a self-conditioned model
     for k, k_next in zip(path, path[1:]):
         if k_next < k:          # jump up: x_t' ~ q(x_t' | x_t), one draw for the jump's steps
             ratio = alpha_bar(k_next) / alpha_bar(k)
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise()
         else:
             t, s = levels[k], levels[k_next]
-            x_model = ddpm.reverse_step(model, schedule, x, t, s, noise() if s >= 0 else 0, sampler="ddpm",
-                                        pred=pred, clip=clip)
+            x_model, x0 = ddpm.reverse_step(model, schedule, x, t, s, noise() if s >= 0 else 0, sampler="ddpm",
+                                            pred=pred, clip=clip, x0_estimate=x0)
             ab_s = alpha_bar(k_next)
             x_obs = ab_s.sqrt() * observed + (1 - ab_s).sqrt() * noise() if s >= 0 else observed  # fresh noise
             x = known * x_obs + (1 - known) * x_model
@@ -429,7 +429,7 @@ def load_ddpm(args, device):
         ddpm.main(["--name", "default", "--out", args.out, "--data-dir", args.data_dir, "--device", args.device])
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        unrecorded = ", ".join(common.unrecorded_flags(state["args"], ddpm.MODEL_FLAGS))
+        unrecorded = ", ".join(common.unrecorded_flags(state["args"], ddpm.MODEL_FLAGS, ddpm.IMPLIED_FLAGS))
         if unrecorded:
             common.fail(f"--ckpt {path} does not record {unrecorded}: it was made by an older version of ddpm.py; "
                         "move that run away (python inpaint.py then trains the current default) or pass --ckpt")

@@ -306,6 +306,11 @@ def test_checkpoint_older_than_a_model_flag(tmp_path):
     assert common.load_checkpoint(tmp_path / "old.pt", make_args(), ["channels"])["step"] == 1
     with pytest.raises(SystemExit, match="does not record --inject: it was made by an older version"):
         common.load_checkpoint(tmp_path / "old.pt", make_args(inject="scale-shift"), ["channels", "inject"])
+    flags, implied = ["channels", "self_cond"], {"self_cond": False}  # a feature it could not have had: taken as off
+    state = common.load_checkpoint(tmp_path / "old.pt", make_args(self_cond=False), flags, implied=implied)
+    assert state["args"]["self_cond"] is False
+    with pytest.raises(SystemExit, match="was made with --self-cond False; this run has --self-cond True"):
+        common.load_checkpoint(tmp_path / "old.pt", make_args(self_cond=True), flags, implied=implied)
 
 
 def test_finish_writes_plot_grid_and_final(tmp_path):

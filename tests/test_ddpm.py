@@ -90,7 +90,7 @@ class PointOracle(torch.nn.Module):
         super().__init__()
         self.target, self.schedule = torch.nn.Parameter(target), schedule
 
-    def forward(self, x, t):
+    def forward(self, x, t, x0_estimate=None):       # exact: no use for a previous guess of x_0
         ab = self.schedule.alpha_bar[t].view(-1, 1, 1, 1)
         return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
 
@@ -216,7 +216,7 @@ def test_min_snr_weighs_each_t_by_min_snr_gamma_in_x0_space_whatever_the_network
     miss = torch.linspace(0.05, 0.2, 64)          # a different x_0 error per image, so weights must pair with images
     seen = []
 
-    def model(xt, t):          # predicts x_0 + miss, expressed as the target `pred` names
+    def model(xt, t, x0_estimate=None):          # predicts x_0 + miss, expressed as the target `pred` names
         seen.append(t)
         ab = ddpm.expand(s.alpha_bar, t)
         x0_hat = x0 + miss[:, None, None, None]
@@ -234,6 +234,67 @@ def test_min_snr_weighs_each_t_by_min_snr_gamma_in_x0_space_whatever_the_network
     assert torch.equal(seen[0], seen[1])
     per_t = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[pred]
     assert unweighted.item() == pytest.approx((miss ** 2 * per_t).mean().item(), rel=1e-4)
+
+
+def test_a_self_conditioned_unet_reads_its_previous_guess_and_a_plain_one_ignores_it():
+    x, t, guess = torch.randn(2, 3, 8, 8), torch.tensor([3, 15]), torch.rand(2, 3, 8, 8) * 2 - 1
+    plain, model, guide = tiny_model(), tiny_model(self_cond=True), tiny_model(self_cond=True)
+    assert (plain.stem.in_channels, model.stem.in_channels) == (3, 6)        # x_t, then x_t and the guess
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        assert torch.equal(plain(x, t, guess), plain(x, t))
+        assert torch.equal(model(x, t), model(x, t, torch.zeros_like(x)))    # no guess yet: zeros
+        assert not torch.allclose(model(x, t, guess), model(x, t), atol=1e-3)
+        out, weak = model(x, t, guess), guide(x, t, guess)                 # autoguidance hands both the guess
+        assert torch.allclose(ddpm.Autoguided(model, guide, 2.5)(x, t, guess), weak + 2.5 * (out - weak), atol=1e-5)
+
+
+def test_self_conditioning_trains_half_the_batches_on_the_networks_own_detached_guess():
+    s, x0 = ddpm.Schedule(timesteps=100), torch.rand(4, 3, 4, 4) * 2 - 1
+    calls = []
+
+    def model(xt, t, x0_estimate=None):         # an eps prediction whose implied x_0 leaves [-1, 1]
+        calls.append((xt, t, x0_estimate, torch.is_grad_enabled()))
+        return 3 * xt
+
+    with_guess = 0
+    for seed in range(40):
+        calls.clear()
+        torch.manual_seed(seed)
+        plain = ddpm.loss(model, x0, s)
+        calls.clear()
+        torch.manual_seed(seed)
+        conditioned = ddpm.loss(model, x0, s, self_cond=True)
+        if len(calls) == 1:                     # the coin said no guess: the plain loss, the same draws
+            assert calls[0][2] is None and conditioned.item() == plain.item()
+            continue
+        with_guess += 1
+        (xt, t, first_guess, first_grad), (xt2, t2, guess, grad) = calls
+        assert first_guess is None and not first_grad and grad                  # the guess carries no gradient
+        assert torch.equal(xt, xt2) and torch.equal(t, t2)
+        expected = ddpm.predict_x0_eps(3 * xt, xt, ddpm.expand(s.alpha_bar, t), "eps", clip=True)[0]
+        assert torch.allclose(guess, expected) and guess.abs().max() <= 1      # its own x_0, clipped
+    assert 10 <= with_guess <= 30
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_the_sampler_hands_a_self_conditioned_network_its_previous_x0(sampler):
+    s, target = ddpm.Schedule(timesteps=100), torch.rand(1, 3, 8, 8) * 2 - 1     # T = 20 would end at alpha_bar 0
+
+    class Recorder(torch.nn.Module):            # the point oracle's x_0 is always the target
+        def __init__(self):
+            super().__init__()
+            self.oracle, self.seen = PointOracle(target, s), []
+
+        def forward(self, x, t, x0_estimate=None):
+            self.seen.append(x0_estimate)
+            return self.oracle(x, t)
+
+    recorder = Recorder()
+    ddpm.sample(recorder, s, 2, 8, sampler=sampler, sample_steps=5)
+    assert len(recorder.seen) == 5 and recorder.seen[0] is None               # the first step has no guess yet
+    assert all(torch.allclose(e, target.expand(2, -1, -1, -1), atol=1e-4) for e in recorder.seen[1:])
 
 
 def test_a_negative_min_snr_gamma_is_refused():
@@ -312,6 +373,32 @@ def test_cli_resume_and_sample_only(tmp_path):
         ddpm.main(cli(tmp_path, "--resume", "--channels", "32"))
     with pytest.raises(SystemExit, match="was made with --inject scale-shift; this run has --inject shift"):
         ddpm.main(cli(tmp_path, "--resume", "--inject", "shift"))
+    with pytest.raises(SystemExit, match="was made with --self-cond False; this run has --self-cond True"):
+        ddpm.main(cli(tmp_path, "--resume", "--self-cond"))
+
+
+def test_a_self_conditioned_run_trains_resumes_and_samples(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--self-cond"))
+    ddpm.main(cli(tmp_path, "--steps", "3", "--eval-every", "3", "--self-cond", "--resume"))
+    run = tmp_path / "ddpm" / "t"
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    assert state["step"] == 3 and state["model"]["stem.weight"].shape[1] == 6
+    ddpm.main(cli(tmp_path, "--sample-only", "--self-cond"))
+    assert (run / "samples_ddim5_eta0_autoguide2.png").exists()
+
+
+def test_a_checkpoint_from_before_self_conditioning_resumes_as_a_plain_network(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
+    path = tmp_path / "ddpm" / "t" / "ckpt.pt"
+    old = torch.load(path, weights_only=False)
+    del old["args"]["self_cond"]                  # as saved before --self-cond existed
+    torch.save(old, path)
+    ddpm.main(cli(tmp_path, "--steps", "3", "--eval-every", "3", "--resume"))
+    assert torch.load(path, weights_only=False)["step"] == 3
+    del old["args"]["inject"]                     # a flag whose older default differs is still refused
+    torch.save(old, path)
+    with pytest.raises(SystemExit, match="does not record --inject"):
+        ddpm.main(cli(tmp_path, "--sample-only"))
 
 
 def test_the_guide_averages_the_first_guide_at_of_the_training_steps_and_then_stays(tmp_path):

@@ -72,7 +72,7 @@ class TwoPointOracle(torch.nn.Module):
         super().__init__()
         self.targets, self.schedule = torch.nn.Parameter(torch.cat([a, b])), schedule
 
-    def forward(self, x, t):
+    def forward(self, x, t, x0_estimate=None):       # exact: no use for a previous guess of x_0
         ab = self.schedule.alpha_bar[t].view(-1, 1, 1, 1)
         dist2 = ((x[:, None] - ab.sqrt()[:, None] * self.targets[None]) ** 2).flatten(2).sum(2)     # (B, 2)
         w = torch.softmax(-dist2 / (2 * (1 - ab.view(-1, 1))), dim=1)
@@ -210,8 +210,13 @@ def test_cli_writes_the_table_figures_and_final(tmp_path, capsys):
         inpaint.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a checkpoint of ddpm.py"):
         inpaint.main(["--ckpt", str(tmp_path / "inpaint" / "i" / "results.md"), "--out", str(tmp_path)])
-    old = torch.load(ckpt, weights_only=False)                           # as saved before --inject existed
-    del old["args"]["inject"]
+    old = torch.load(ckpt, weights_only=False)                           # as saved before --self-cond existed
+    del old["args"]["self_cond"]
+    torch.save(old, tmp_path / "old.pt")
+    inpaint.main(["--ckpt", str(tmp_path / "old.pt"), "--num-images", "2", "--masks", "stripes", "--methods", "replace",
+                  "--sample-steps", "4", "--out", str(tmp_path), "--name", "old"])
+    assert (tmp_path / "inpaint" / "old" / "final.json").exists()
+    del old["args"]["inject"]                                            # as saved before --inject existed
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="does not record --inject: it was made by an older version of ddpm.py"):
         inpaint.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path)])
