@@ -72,7 +72,7 @@ def train_step_time(model, opt, schedule, x, amp, steps):
             synchronize(x.device)
             start = time.perf_counter()
         with common.autocast(amp, x.device):
-            loss = ddpm.loss(model, x, schedule)
+            loss = ddpm.loss(model, x, schedule, self_cond=getattr(model, "self_cond", False))   # --self-cond
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -81,10 +81,11 @@ def train_step_time(model, opt, schedule, x, amp, steps):
 
 
 def training_flops(model, schedule, image_size):
-    """Floating-point operations of one training image (forward and backward), counted by PyTorch."""
+    """Floating-point operations of one training image (forward and backward), counted by PyTorch. With --self-cond
+    this counts one draw of the loss's coin: with or without the extra forward pass (which adds about a third)."""
     x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter:
-        ddpm.loss(model, x, schedule).backward()
+        ddpm.loss(model, x, schedule, self_cond=getattr(model, "self_cond", False)).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

@@ -278,23 +278,30 @@ def test_self_conditioning_trains_half_the_batches_on_the_networks_own_detached_
     assert 10 <= with_guess <= 30
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_the_sampler_hands_a_self_conditioned_network_its_previous_x0(sampler):
-    s, target = ddpm.Schedule(timesteps=100), torch.rand(1, 3, 8, 8) * 2 - 1     # T = 20 would end at alpha_bar 0
+class GuessRecorder(torch.nn.Module):
+    """eps = 3 x_t, whose implied x_0 changes every step and leaves [-1, 1]; records (x_t, t, the guess it is given)."""
+    def __init__(self):
+        super().__init__()
+        self.weight, self.calls = torch.nn.Parameter(torch.tensor(3.0)), []
 
-    class Recorder(torch.nn.Module):            # the point oracle's x_0 is always the target
-        def __init__(self):
-            super().__init__()
-            self.oracle, self.seen = PointOracle(target, s), []
+    def forward(self, x, t, x0_estimate=None):
+        self.calls.append((x, t, x0_estimate))
+        return self.weight * x
 
-        def forward(self, x, t, x0_estimate=None):
-            self.seen.append(x0_estimate)
-            return self.oracle(x, t)
+    def check_each_guess_is_the_last_steps_clipped_x0(self, schedule):
+        assert self.calls[0][2] is None                                      # the first step has no guess yet
+        for (x, t, _), (_, _, guess) in zip(self.calls, self.calls[1:]):
+            x0 = ddpm.predict_x0_eps(3 * x, x, ddpm.expand(schedule.alpha_bar, t), "eps", clip=True)[0]
+            assert torch.allclose(guess, x0) and guess.abs().max() <= 1
 
-    recorder = Recorder()
-    ddpm.sample(recorder, s, 2, 8, sampler=sampler, sample_steps=5)
-    assert len(recorder.seen) == 5 and recorder.seen[0] is None               # the first step has no guess yet
-    assert all(torch.allclose(e, target.expand(2, -1, -1, -1), atol=1e-4) for e in recorder.seen[1:])
+
+@pytest.mark.parametrize("sampler,clip", [("ddim", True), ("ddpm", True), ("ddim", False)])
+def test_the_sampler_hands_a_self_conditioned_network_its_previous_x0_clipped(sampler, clip):
+    s, recorder = ddpm.Schedule(timesteps=100), GuessRecorder()
+    with torch.no_grad():
+        ddpm.sample(recorder, s, 2, 8, sampler=sampler, sample_steps=5, clip=clip)
+    assert len(recorder.calls) == 5
+    recorder.check_each_guess_is_the_last_steps_clipped_x0(s)           # clipped even with clip off: as trained
 
 
 def test_a_negative_min_snr_gamma_is_refused():
@@ -397,7 +404,7 @@ def test_a_checkpoint_from_before_self_conditioning_resumes_as_a_plain_network(t
     assert torch.load(path, weights_only=False)["step"] == 3
     del old["args"]["inject"]                     # a flag whose older default differs is still refused
     torch.save(old, path)
-    with pytest.raises(SystemExit, match="does not record --inject"):
+    with pytest.raises(SystemExit, match="does not record --inject: it was made"):   # --inject alone, not --self-cond
         ddpm.main(cli(tmp_path, "--sample-only"))
 
 

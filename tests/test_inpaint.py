@@ -9,6 +9,7 @@ import common
 import ddpm
 import inpaint
 from test_ddpm import PointOracle    # the exact eps-model of data that is one image x*
+from test_ddpm import GuessRecorder  # records the x_0 guess a self-conditioned network is handed
 
 
 def tiny_model():
@@ -118,6 +119,15 @@ def test_every_visited_state_has_the_forward_marginal(resample, start):
         for region in (known[0, 0].bool(), ~known[0, 0].bool()):
             assert z[:, region].abs().max() < 4.5, t
             assert abs(xt.var(0)[:, region].mean() / (1 - ab) - 1) < 0.04, t
+
+
+def test_repaint_hands_a_self_conditioned_network_its_previous_x0_across_jumps():
+    s, recorder = ddpm.Schedule(timesteps=100), GuessRecorder()
+    with torch.no_grad():
+        inpaint.diffusion_inpaint(recorder, s, images(2, 8), inpaint.make_mask("right-half", 2, 8), sample_steps=6,
+                                  jump=2, resample=3)
+    assert len(recorder.calls) > 6                                        # the jumps add reverse steps
+    recorder.check_each_guess_is_the_last_steps_clipped_x0(s)
 
 
 def test_observed_pixels_are_exact_hidden_ones_never_read_and_a_full_mask_returns_the_input():
