@@ -1167,7 +1167,7 @@ class Run:
 
     def load_checkpoint(self, model_flags, device, implied=None):
         """The checkpoint's state if --resume (or reopened), else None. On --resume, metric records after its step
-        are dropped, since the resumed run will log those steps again. `implied`: see unrecorded_flags."""
+        are dropped, since the resumed run will log those steps again. `implied`: see load_checkpoint (the function)."""
         if not (self.args.resume or self.reopen):
             return None
         state = load_checkpoint(self.ckpt_path, self.args, model_flags, device, implied)
@@ -1313,18 +1313,15 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def unrecorded_flags(saved_args, model_flags, implied=None):
-    """The model flags a checkpoint's saved args lack, as '--flag-name': it predates them (an older script).
-    `implied` maps flags whose absence is no loss to the value an older checkpoint behaves as (a feature it could
-    not have had, e.g. {"self_cond": False}); those are filled into saved_args instead."""
-    for f, value in (implied or {}).items():
-        saved_args.setdefault(f, value)
+def unrecorded_flags(saved_args, model_flags):
+    """The model flags a checkpoint's saved args lack, as '--flag-name': it predates them (an older script)."""
     return ["--" + f.replace("_", "-") for f in model_flags if f not in saved_args]
 
 
 def load_checkpoint(path, args, model_flags, device="cpu", implied=None):
-    """Load a checkpoint and check that the flags which shape the model agree with `args` (`implied`: see
-    unrecorded_flags)."""
+    """Load a checkpoint and check that the flags which shape the model agree with `args`. `implied` maps flags
+    whose absence is no loss to the value an older checkpoint behaves as (a feature it could not have had, e.g.
+    {"self_cond": False}); a checkpoint without them gets those values in its args instead of an error."""
     path = Path(path)
     if not path.exists():
         fail(f"checkpoint {path} does not exist")
@@ -1332,9 +1329,9 @@ def load_checkpoint(path, args, model_flags, device="cpu", implied=None):
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {e}")
-    saved = state.setdefault("args", {})
+    saved = state["args"] = {**(implied or {}), **state.get("args", {})}
     flag = lambda f: "--" + f.replace("_", "-")
-    unrecorded = unrecorded_flags(saved, model_flags, implied)
+    unrecorded = unrecorded_flags(saved, model_flags)
     if unrecorded:                              # made by an older version of the script, before the flag existed
         fail(f"checkpoint {path} does not record {', '.join(unrecorded)}: it was made by an older version of the "
              "script; train it again")

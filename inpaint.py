@@ -429,7 +429,8 @@ def load_ddpm(args, device):
         ddpm.main(["--name", "default", "--out", args.out, "--data-dir", args.data_dir, "--device", args.device])
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        unrecorded = ", ".join(common.unrecorded_flags(state["args"], ddpm.MODEL_FLAGS, ddpm.IMPLIED_FLAGS))
+        state["args"] = {**ddpm.IMPLIED_FLAGS, **state["args"]}         # e.g. made before --self-cond: without it
+        unrecorded = ", ".join(common.unrecorded_flags(state["args"], ddpm.MODEL_FLAGS))
         if unrecorded:
             common.fail(f"--ckpt {path} does not record {unrecorded}: it was made by an older version of ddpm.py; "
                         "move that run away (python inpaint.py then trains the current default) or pass --ckpt")
