@@ -78,12 +78,11 @@ on a random half of the batches the network first predicts x_0^ = x_0(eps_theta(
     || eps - eps_theta(x_t, sg(x_0^), t) ||^2        (sg: stop gradient; on the other half, x_0^ = 0)
 
 Under autoguidance both networks get the guided step's x_0 (clipped). The extra forward pass on half the steps
-makes the default's 6,500 steps take 19 min 18 s in all, against about 18 minutes without it (one run each).
-On the default run (README) it helps the network alone but does not add to autoguidance: without guidance the
-Frechet distance falls from 23.1 to 18.0 and the confident share rises from 51.4% to 55.0%; with w = 2 the share is
-61.2% against 59.3%, within the noise, and the distance 31.3 against 15.6 (the shapes come out small and
-oversaturated); w = 1.5 gives 17.7 and 57.5%. Handing back the trained network's own unguided x_0 instead (a probe)
-gives 24.9 and 58.7% at w = 2: better, still no better than autoguidance alone. So it stays a flag.
+makes the default's 6,500 steps take 19 min 18 s in all, against about 18 minutes without it. On 16px shapes it did
+not help (README, two seeds): without guidance FD 21.1 and 53.7% confident on average against the plain network's
+22.3 and 52.1% (seed 0 gained, 23.1 -> 18.0, seed 1 lost, 21.5 -> 24.1), and with autoguidance at w = 2 the distance
+is worse (31.3 and 25.8 against 15.6 and 21.8): feeding the guided x_0 back compounds the extrapolation, and feeding
+the network's own unguided x_0 instead (a probe) narrows the gap without closing it. So it stays a flag.
 
 Index convention: the code's t runs 0..T-1 and stands for the paper's t = 1..T; alpha_bar_prev at t = 0 is 1.
 
