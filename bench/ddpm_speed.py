@@ -82,7 +82,7 @@ def train_step_time(model, opt, schedule, x, amp, steps):
 
 def training_flops(model, schedule, image_size):
     """Floating-point operations of one training image (forward and backward), counted by PyTorch. With --self-cond
-    this counts one draw of the loss's coin: with or without the extra forward pass (which adds about a third)."""
+    this counts one draw of the loss's coin: with or without the extra forward pass (0.49 or 0.37 GFLOP at 16px)."""
     x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter:
         ddpm.loss(model, x, schedule, self_cond=getattr(model, "self_cond", False)).backward()
