@@ -51,6 +51,9 @@ Evaluation: Frechet distance and conditional accuracy, the share of samples draw
 reference classifier labels y, on --fid-samples class-balanced samples; and their within-class diversity, the mean
 pairwise pixel distance among one class's samples averaged over the classes, as a share of the same for the test
 images (1: as varied within a class as the data; it sees colour, which the classifier's features mostly ignore).
+The balance monitor of gan.py tracks the same during training, every 100 steps on the fixed samples (8 per class),
+beside their diversity over all classes: that one stays at the data's when G draws one image per class whatever z
+(the classes still differ), so the run also warns when the diversity within classes falls below a quarter of it.
 
 Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 13,000 steps in bf16 where the hardware
 has it (`--amp auto`; 1.35x the steps per second of float32 here): at 16px a step costs a quarter of one at 32px, and
@@ -85,10 +88,13 @@ INIT_STD = 0.02         # DCGAN: every weight drawn from N(0, 0.02^2)
 LEAKY_SLOPE = 0.2       # DCGAN's LeakyReLU slope in D
 WIN_STEPS = 200         # G steps of D separating everything before "D wins outright" is reported
 COLLAPSE_RATIO = 0.5    # sample diversity falling below this share of its best is reported as collapse
+IGNORED_Z_RATIO = 0.25  # within-class diversity below this share of the diversity over all classes: G ignores z
 MONITOR_EVERY = 100     # G steps between diversity checks
 MONITOR_SAMPLES = 80    # fixed latents and labels of the diversity check and the sample grids (8 per class)
+MONITOR_REAL = 1000     # validation images whose diversity, over all and within classes, the check compares with
 BALANCE_PANELS = {"D output": ("d_real", "d_fake"), "loss": ("loss_d", "loss_g"),
-                  "gradient norm": ("grad_norm_d", "grad_norm_g"), "pixel diversity / data's": ("pixel_diversity",)}
+                  "gradient norm": ("grad_norm_d", "grad_norm_g"),
+                  "pixel diversity / data's": ("pixel_diversity", "within_class_pixel_diversity")}
 
 
 # ----------------------------------------------------------------------------- networks
@@ -308,10 +314,21 @@ def pixel_diversity(images):
 
 def within_class_diversity(images, labels, max_per_class=500):
     """pixel_diversity among the images of one class (its first max_per_class), averaged over the classes with at
-    least two images: what collapse within a class lowers, even while the classes still differ from each other."""
+    least two images (nan if none has): what collapse within a class lowers, even while the classes still differ
+    from each other."""
     per_class = [pixel_diversity(images[labels == y][:max_per_class])
                  for y in labels.unique() if (labels == y).sum() > 1]
-    return sum(per_class) / len(per_class)
+    return sum(per_class) / len(per_class) if per_class else math.nan
+
+
+def first_images(loader, n):
+    """The first n images of a loader (all of them if it has fewer), with their labels."""
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x), labels.append(y)
+        if sum(map(len, images)) >= n:
+            break
+    return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 
 # ----------------------------------------------------------------------------- training
@@ -451,12 +468,14 @@ def evaluate_d(G, D, loader, args, device, num_classes, max_batches=20):
 
 
 class BalanceMonitor:
-    """Warns (once per episode) when D wins outright, or when the samples' diversity drops below COLLAPSE_RATIO
-    of the best it reached (G collapsing onto a few modes); see gan.py's docstring."""
+    """Warns (once per episode) when D wins outright, when the samples' diversity drops below COLLAPSE_RATIO
+    of the best it reached (G collapsing onto a few modes; see gan.py's docstring), and, what conditioning adds,
+    when the samples of one class hardly differ while the classes do: the diversity over all classes is then the
+    classes' differences alone and hides a G that draws one image per class, whatever z."""
 
-    def __init__(self, real_diversity):
-        self.real_diversity, self.best, self.won_for = real_diversity, 0.0, 0
-        self.warned_win = self.warned_collapse = False
+    def __init__(self, real_diversity, real_within_class):
+        self.real_diversity, self.real_within_class, self.best, self.won_for = real_diversity, real_within_class, 0.0, 0
+        self.warned_win = self.warned_collapse = self.warned_ignores_z = False
 
     def d_step(self, step, accuracy):
         self.won_for = self.won_for + 1 if accuracy >= 0.99 else 0
@@ -465,16 +484,23 @@ class BalanceMonitor:
                        "(D wins outright); try --label-smoothing, --instance-noise, --r1 or a lower --lr-d")
         self.warned_win = self.won_for >= WIN_STEPS
 
-    def diversity(self, step, diversity):
-        """Records the pixel diversity of the fixed-latent samples; returns it as a share of the data's."""
-        ratio = diversity / self.real_diversity
+    def diversity(self, step, diversity, within_class):
+        """Records the pixel diversity of the fixed-latent samples, over all of them and within each class; returns
+        both as shares of the data's."""
+        ratio, within = diversity / self.real_diversity, within_class / self.real_within_class
         self.best = max(self.best, ratio)
         collapsed = ratio < COLLAPSE_RATIO * self.best
         if collapsed and not self.warned_collapse:
             tqdm.write(f"warning: step {step}: sample diversity fell to {ratio:.2f} of the data's, from "
                        f"{self.best:.2f} (mode collapse?)")
         self.warned_collapse = collapsed
-        return ratio
+        ignores_z = within < IGNORED_Z_RATIO * ratio
+        if ignores_z and not self.warned_ignores_z:
+            tqdm.write(f"warning: step {step}: the samples of a class hardly differ (within-class diversity "
+                       f"{within:.2f} of the data's, {ratio:.2f} over all classes): G draws one image per class "
+                       "whatever z (collapse within classes); try --mode-seeking")
+        self.warned_ignores_z = ignores_z
+        return ratio, within
 
 
 def train(args):
@@ -508,7 +534,9 @@ def train(args):
     per_class = max(1, MONITOR_SAMPLES // data.num_classes)
     fixed_c = class_grid_conditions(data.num_classes, per_class).to(device)
     fixed_z = latents(len(fixed_c), args.latent_dim, args.seed, device)
-    monitor = BalanceMonitor(pixel_diversity(next(iter(data.val))[0][:MONITOR_SAMPLES]))
+    fixed_labels = fixed_c.argmax(1).cpu()
+    real, real_labels = first_images(data.val, MONITOR_REAL)
+    monitor = BalanceMonitor(pixel_diversity(real[:MONITOR_SAMPLES]), within_class_diversity(real, real_labels))
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="cgan")
     for step in bar:
@@ -530,7 +558,8 @@ def train(args):
         if (step + 1) % MONITOR_EVERY == 0:
             with torch.no_grad():
                 samples = G.eval()(fixed_z, fixed_c).cpu()
-                stats["pixel_diversity"] = monitor.diversity(step + 1, pixel_diversity(samples))
+                stats["pixel_diversity"], stats["within_class_pixel_diversity"] = monitor.diversity(
+                    step + 1, pixel_diversity(samples), within_class_diversity(samples, fixed_labels))
         run.log(step + 1, "train", **stats)
         bar.set_postfix(D=f"{stats['loss_d']:.3f}", G=f"{stats['loss_g']:.3f}", Dx=f"{stats['d_real']:.2f}",
                         DGz=f"{stats['d_fake']:.2f}")

@@ -272,6 +272,42 @@ def test_balance_monitor_warns_when_d_wins_and_when_diversity_collapses(capsys):
     assert "fell to 0.30 of the data's, from 0.80" in capsys.readouterr().out
 
 
+def test_cgan_monitor_warns_when_the_classes_differ_but_their_samples_do_not(capsys):
+    """A G that draws one image per class keeps the diversity over all classes at the data's (the classes differ):
+    cgan's monitor also compares the diversity within classes with it, and warns once per episode."""
+    monitor = cgan.BalanceMonitor(real_diversity=10.0, real_within_class=8.0)
+    assert monitor.diversity(100, 10.0, 6.0) == pytest.approx((1.0, 0.75))
+    assert "whatever z" not in capsys.readouterr().out
+    assert monitor.diversity(200, 10.0, 1.6) == pytest.approx((1.0, 0.2))     # 0.2 < 0.25 x 1.0
+    assert "within-class diversity 0.20 of the data's, 1.00 over all classes" in capsys.readouterr().out
+    monitor.diversity(300, 10.0, 1.6)
+    assert "whatever z" not in capsys.readouterr().out                        # the same episode
+    monitor.diversity(400, 10.0, 4.0)                                         # 0.5: over
+    monitor.diversity(500, 4.0, 0.4)                                          # 0.05 < 0.25 x 0.4: a new episode
+    assert capsys.readouterr().out.count("whatever z") == 1
+
+
+def test_cgan_training_feeds_the_monitor_the_fixed_samples_diversity_within_classes(tmp_path, monkeypatch, capsys):
+    """One latent for all the fixed samples (as from a G that ignores z): each class is one image repeated, so
+    their diversity within classes is 0 and the run warns, while over all classes it is not 0."""
+    monkeypatch.setattr(cgan, "MONITOR_EVERY", 1)
+    monkeypatch.setattr(cgan, "latents", lambda n, dim, seed, device="cpu": torch.zeros(n, dim, device=device))
+    cgan.train(cgan.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--fid-samples", "0")))
+    assert "G draws one image per class whatever z" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "cgan" / "t" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "within_class_pixel_diversity" in r]
+    assert [r["within_class_pixel_diversity"] for r in checks] == [0.0, 0.0]
+    assert all(r["pixel_diversity"] > 0 for r in checks)
+
+
+def test_within_class_diversity_is_nan_without_two_images_of_a_class_and_first_images_stops_at_n():
+    assert math.isnan(cgan.within_class_diversity(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])))
+    loader = [(torch.full((4, 1), float(b)), torch.full((4,), b)) for b in range(3)]
+    images, labels = cgan.first_images(loader, 6)
+    assert images.flatten().tolist() == [0, 0, 0, 0, 1, 1] and labels.tolist() == [0, 0, 0, 0, 1, 1]
+    assert len(cgan.first_images(loader, 100)[0]) == 12
+
+
 @BOTH
 def test_instance_noise_and_ema(module):
     torch.manual_seed(0)
