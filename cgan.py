@@ -51,9 +51,10 @@ Evaluation: Frechet distance and conditional accuracy, the share of samples draw
 reference classifier labels y, on --fid-samples class-balanced samples; and their within-class diversity, the mean
 pairwise pixel distance among one class's samples averaged over the classes, as a share of the same for the test
 images (1: as varied within a class as the data; it sees colour, which the classifier's features mostly ignore).
-The balance monitor of gan.py tracks the same during training, every 100 steps on the fixed samples (8 per class),
-beside their diversity over all classes: that one stays at the data's when G draws one image per class whatever z
-(the classes still differ), so the run also warns when the diversity within classes falls below a quarter of it.
+The balance monitor (as in gan.py) tracks the same during training, every 100 steps on the fixed samples (8 per
+class), beside their diversity over all classes, each as a share of the data's: the latter stays at the data's when
+G draws one image per class whatever z (the classes still differ), so the run also warns when the diversity within
+classes falls below a quarter of it.
 
 Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 13,000 steps in bf16 where the hardware
 has it (`--amp auto`; 1.35x the steps per second of float32 here): at 16px a step costs a quarter of one at 32px, and
@@ -321,14 +322,11 @@ def within_class_diversity(images, labels, max_per_class=500):
     return sum(per_class) / len(per_class) if per_class else math.nan
 
 
-def first_images(loader, n):
-    """The first n images of a loader (all of them if it has fewer), with their labels."""
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x), labels.append(y)
-        if sum(map(len, images)) >= n:
-            break
-    return torch.cat(images)[:n], torch.cat(labels)[:n]
+def random_images(dataset, n, seed=0):
+    """n images of a dataset (all of them if it has fewer) drawn without replacement by a seeded generator, with
+    their labels: every class is sampled even from a split stored class by class."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return dataset[order[:n].tolist()]
 
 
 # ----------------------------------------------------------------------------- training
@@ -474,7 +472,8 @@ class BalanceMonitor:
     classes' differences alone and hides a G that draws one image per class, whatever z."""
 
     def __init__(self, real_diversity, real_within_class):
-        self.real_diversity, self.real_within_class, self.best, self.won_for = real_diversity, real_within_class, 0.0, 0
+        self.real_diversity, self.real_within_class = real_diversity, real_within_class
+        self.best, self.won_for = 0.0, 0
         self.warned_win = self.warned_collapse = self.warned_ignores_z = False
 
     def d_step(self, step, accuracy):
@@ -497,8 +496,8 @@ class BalanceMonitor:
         ignores_z = within < IGNORED_Z_RATIO * ratio
         if ignores_z and not self.warned_ignores_z:
             tqdm.write(f"warning: step {step}: the samples of a class hardly differ (within-class diversity "
-                       f"{within:.2f} of the data's, {ratio:.2f} over all classes): G draws one image per class "
-                       "whatever z (collapse within classes); try --mode-seeking")
+                       f"{within:.2f} of the data's, {ratio:.2f} over all classes): is G drawing one image per class "
+                       "whatever z (collapse within classes)? try --mode-seeking, or --g-cond cbn")
         self.warned_ignores_z = ignores_z
         return ratio, within
 
@@ -531,11 +530,11 @@ def train(args):
     # What the training steps call (see common.distribute): D's step takes fakes from G without gradients, and
     # G's step runs D frozen, so each needs only the other's plain module.
     G_net, D_net = common.distribute(G, args, device), common.distribute(D, args, device)
-    per_class = max(1, MONITOR_SAMPLES // data.num_classes)
+    per_class = max(2, MONITOR_SAMPLES // data.num_classes)         # two at least: diversity within a class
     fixed_c = class_grid_conditions(data.num_classes, per_class).to(device)
     fixed_z = latents(len(fixed_c), args.latent_dim, args.seed, device)
     fixed_labels = fixed_c.argmax(1).cpu()
-    real, real_labels = first_images(data.val, MONITOR_REAL)
+    real, real_labels = random_images(data.val.dataset, MONITOR_REAL)
     monitor = BalanceMonitor(pixel_diversity(real[:MONITOR_SAMPLES]), within_class_diversity(real, real_labels))
     batches = common.forever(data.train)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="cgan")

@@ -285,6 +285,10 @@ def test_cgan_monitor_warns_when_the_classes_differ_but_their_samples_do_not(cap
     monitor.diversity(400, 10.0, 4.0)                                         # 0.5: over
     monitor.diversity(500, 4.0, 0.4)                                          # 0.05 < 0.25 x 0.4: a new episode
     assert capsys.readouterr().out.count("whatever z") == 1
+    # shares of the data's are compared, not raw distances: the data's own classes may be alike within
+    monitor = cgan.BalanceMonitor(real_diversity=10.0, real_within_class=2.0)
+    assert monitor.diversity(100, 10.0, 1.6) == pytest.approx((1.0, 0.8))     # raw: 1.6 < 0.25 x 10
+    assert "whatever z" not in capsys.readouterr().out
 
 
 def test_cgan_training_feeds_the_monitor_the_fixed_samples_diversity_within_classes(tmp_path, monkeypatch, capsys):
@@ -293,19 +297,25 @@ def test_cgan_training_feeds_the_monitor_the_fixed_samples_diversity_within_clas
     monkeypatch.setattr(cgan, "MONITOR_EVERY", 1)
     monkeypatch.setattr(cgan, "latents", lambda n, dim, seed, device="cpu": torch.zeros(n, dim, device=device))
     cgan.train(cgan.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--fid-samples", "0")))
-    assert "G draws one image per class whatever z" in capsys.readouterr().out
+    assert "G drawing one image per class whatever z" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "cgan" / "t" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "within_class_pixel_diversity" in r]
-    assert [r["within_class_pixel_diversity"] for r in checks] == [0.0, 0.0]
+    assert len(checks) == 2 and all(r["within_class_pixel_diversity"] < 1e-6 for r in checks)
     assert all(r["pixel_diversity"] > 0 for r in checks)
 
 
-def test_within_class_diversity_is_nan_without_two_images_of_a_class_and_first_images_stops_at_n():
+def test_within_class_diversity_is_nan_without_two_images_of_a_class():
     assert math.isnan(cgan.within_class_diversity(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])))
-    loader = [(torch.full((4, 1), float(b)), torch.full((4,), b)) for b in range(3)]
-    images, labels = cgan.first_images(loader, 6)
-    assert images.flatten().tolist() == [0, 0, 0, 0, 1, 1] and labels.tolist() == [0, 0, 0, 0, 1, 1]
-    assert len(cgan.first_images(loader, 100)[0]) == 12
+
+
+def test_the_monitors_real_images_are_a_seeded_sample_of_every_class_of_a_split_stored_class_by_class():
+    labels = torch.arange(10).repeat_interleave(100)                 # 1,000 images, class by class
+    split = common.ImageArray(labels.to(torch.uint8)[:, None, None, None].expand(-1, 1, 2, 2), labels)
+    images, sampled = cgan.random_images(split, 100)
+    assert len(sampled) == 100 and len(sampled.unique()) == 10
+    assert torch.equal(images[:, 0, 0, 0], sampled.float() / 127.5 - 1)          # each image with its own label
+    assert torch.equal(cgan.random_images(split, 100)[1], sampled)
+    assert len(cgan.random_images(split, 5000)[1]) == 1000
 
 
 @BOTH
