@@ -60,8 +60,8 @@ Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 13,000
 has it (`--amp auto`; 1.35x the steps per second of float32 here): at 16px a step costs a quarter of one at 32px, and
 in the trials conditional accuracy followed D's classifier: G is pushed towards a class only as well as D tells the
 classes apart (D's accuracy on real test images at 16px: 83% after 12,000 steps with gan.py's D and lambda 1, 97%
-after 10,000 with these flags in float32). In about 16 minutes this reaches 68% conditional accuracy (76% and
-68% with --seed 1 and 2), against 41% for 4,000 steps of gan.py's 32px setting; a float32 run at 69% after 10,000
+after 10,000 with these flags in float32). In about 16 minutes this reaches 68% conditional accuracy (76%, 68% and
+73% with --seed 1, 2 and 3), against 41% for 4,000 steps of gan.py's 32px setting; a float32 run at 69% after 10,000
 steps reaches 75% when trained on to 25,000. Both learning rates decayed linearly to zero over the second half
 (`--lr-decay 0.5`; SNGAN decays linearly) did not help over two seeds; nor, in single runs, did a faster D
 (`--lr-d 8e-4`, 4 times G's rate: 67% against 55% after 4,000 steps, but 69% against 68% after 13,000; 8 times
