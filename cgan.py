@@ -21,6 +21,12 @@ G(z, c) gets it by `--g-cond`:
     concat:     the first layer sees [z, cond(c)] (Mirza & Osindero);
     cbn:        every batch norm becomes conditional, BN(h) (1 + gamma(cond(c))) + beta(cond(c)), gamma and beta
                 linear maps per layer (de Vries et al.; the G of Miyato & Koyama).
+G's output layer, `--g-out`: DCGAN's generator draws the image with its last transposed convolution (`deconv`), from
+features at half the image's size, so each output pixel is tanh of a linear function of a 2x2 patch of 8x8
+features at 16px; `conv` (the default) adds one more up-block to full resolution and draws the image there with a
+3x3 convolution, as SNGAN's standard CNN generator does (Miyato et al. 2018, Table 3). At 16px that layer is where
+fine detail such as a star's points gets drawn: 76% conditional accuracy against 68% after 13,000 steps at D's old
+rate (one seed; README).
 D(x, c) gets c by `--d-cond`:
     concat:     c as K constant feature maps beside the image channels (Mirza & Osindero);
     projection: D(x, c) = psi(phi(x)) + (V^T c) . sum_hw phi(x): the logit of an unconditional D plus the inner
@@ -56,16 +62,18 @@ class), beside their diversity over all classes, each as a share of the data's: 
 G draws one image per class whatever z (the classes still differ), so the run also warns when the diversity within
 classes falls below a quarter of it.
 
-Defaults. 16px, a D twice as wide as G (128 channels) and lambda = 3, for 13,000 steps in bf16 where the hardware
-has it (`--amp auto`; 1.35x the steps per second of float32 here): at 16px a step costs a quarter of one at 32px, and
-in the trials conditional accuracy followed D's classifier: G is pushed towards a class only as well as D tells the
-classes apart (D's accuracy on real test images at 16px: 83% after 12,000 steps with gan.py's D and lambda 1, 97%
-after 10,000 with these flags in float32). In about 16 minutes this reaches 68% conditional accuracy (76%, 68% and
-73% with --seed 1, 2 and 3), against 41% for 4,000 steps of gan.py's 32px setting; a float32 run at 69% after 10,000
-steps reaches 75% when trained on to 25,000. Both learning rates decayed linearly to zero over the second half
-(`--lr-decay 0.5`; SNGAN decays linearly) did not help over two seeds; nor, in single runs, did a faster D
-(`--lr-d 8e-4`, 4 times G's rate: 67% against 55% after 4,000 steps, but 69% against 68% after 13,000; 8 times
-G's rate: 61%) or a wider G (README: the trials behind all of it).
+Defaults. 16px, a D twice as wide as G (128 channels) with 4 times G's learning rate (`--lr-d 8e-4`, the two
+time-scale rule of Heusel et al. 2017 at SAGAN's ratio), lambda = 3, G's output layer at full resolution
+(`--g-out conv`), 13,000 steps in bf16 where the hardware has it (`--amp auto`; 1.35x the steps per second of
+float32 here, measured with DCGAN's output layer). At 16px a step costs about a quarter of one at 32px, and in the
+trials conditional accuracy followed first D's classifier (G is pushed towards a class only as well as D tells the
+classes apart: D's accuracy on real test images at 16px was 83% after 12,000 steps with gan.py's D and lambda 1,
+97% after 10,000 in float32 with a wider D and lambda 3), then G's output layer: with DCGAN's, the 13,000-step
+recipe reached 68%, 76%, 68% and 73% with seeds 0-3, and a faster D only got there sooner; with the full-resolution
+layer, 76% at D's old rate (seed 0), and 84% and 77% with D at 4 times G's rate (seeds 0 and 1), in about 16
+minutes. Both learning rates decayed linearly to zero over the second half
+(`--lr-decay 0.5`; SNGAN decays linearly), mode seeking, a wider G, other losses and R1 did not help (README: the
+trials behind all of it).
 
 Differences from the papers: DCGAN-sized networks (Miyato & Koyama use ResNets with spectral norm); AC-GAN's D
 learns the classes from real images only unless `--acgan-on-fakes` (see above).
@@ -83,7 +91,8 @@ from tqdm import tqdm
 import common
 
 MODEL_FLAGS = ("dataset", "image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm", "cond", "cond_dim",
-               "g_cond", "d_cond", "num_classes")
+               "g_cond", "g_out", "d_cond", "num_classes")
+IMPLIED_FLAGS = {"g_out": "deconv"}     # model flags added later whose absence from a checkpoint means this value
 LOSSES = ("minimax", "nonsat", "hinge", "ls")
 INIT_STD = 0.02         # DCGAN: every weight drawn from N(0, 0.02^2)
 LEAKY_SLOPE = 0.2       # DCGAN's LeakyReLU slope in D
@@ -144,13 +153,16 @@ class ConditionalBatchNorm2d(nn.Module):
 
 class Generator(nn.Module):
     """(z (B, latent_dim), c (B, K)) -> image (B, C, S, S) in [-1, 1]: gan.py's DCGAN generator, with the condition
-    concatenated to z or through conditional batch norm (`g_cond`)."""
+    concatenated to z or through conditional batch norm (`g_cond`), and its last transposed convolution drawing the
+    image (g_out="deconv") or one more up-block to full resolution and a 3x3 convolution drawing it (g_out="conv")."""
 
     def __init__(self, num_classes, image_size=32, latent_dim=100, channels=64, out_channels=3, cond="embedding",
-                 cond_dim=64, g_cond="cbn"):
+                 cond_dim=64, g_cond="cbn", g_out="conv"):
         super().__init__()
         if g_cond not in ("concat", "cbn"):
             common.fail(f"unknown --g-cond {g_cond!r}; choose concat or cbn")
+        if g_out not in ("deconv", "conv"):
+            common.fail(f"unknown --g-out {g_out!r}; choose deconv or conv")
         n = stride2_layers(image_size)
         c = channels * 2 ** (n - 1)
         self.encode, self.g_cond, self.latent_dim, self.num_classes = ConditionEncoder(num_classes, cond_dim, cond), \
@@ -159,11 +171,14 @@ class Generator(nn.Module):
         z_in = latent_dim + (cond_dim if g_cond == "concat" else 0)
         self.convs = nn.ModuleList([nn.ConvTranspose2d(z_in, c, 4, stride=1, padding=0, bias=False)])   # (B, c, 4, 4)
         self.norms = nn.ModuleList([norm(c)])
-        for _ in range(n - 1):
+        for _ in range(n - 1 if g_out == "deconv" else n):    # conv: one more, to full resolution
             self.convs.append(nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1, bias=False))  # (B, c/2, 2H, 2W)
             self.norms.append(norm(c // 2))
             c //= 2
-        self.out = nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1)                    # (B, C, S, S)
+        if g_out == "deconv":       # DCGAN: the image from half-resolution features
+            self.out = nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1)                # (B, C, S, S)
+        else:                       # SNGAN's standard CNN: a 3x3 convolution of full-resolution features
+            self.out = nn.Conv2d(c, out_channels, 3, padding=1)                                   # (B, C, S, S)
         init_weights(self)
 
     def forward(self, z, c):
@@ -333,7 +348,7 @@ def random_images(dataset, n, seed=0):
 
 def build(args, num_classes, channels):
     return (Generator(num_classes, args.image_size, args.latent_dim, args.g_channels, channels, args.cond,
-                      args.cond_dim, args.g_cond),
+                      args.cond_dim, args.g_cond, args.g_out),
             Discriminator(num_classes, args.image_size, args.d_channels, channels, args.spectral_norm, args.d_cond))
 
 
@@ -349,6 +364,7 @@ def check_flags(args):
                     "latents come in pairs)")
     for flag, value, choices in (("--cond", args.cond, ("embedding", "onehot")),
                                  ("--g-cond", args.g_cond, ("concat", "cbn")),
+                                 ("--g-out", args.g_out, ("deconv", "conv")),
                                  ("--d-cond", args.d_cond, ("concat", "projection", "acgan"))):
         if value not in choices:
             common.fail(f"unknown {flag} {value!r}; choose {' or '.join(choices)}")
@@ -519,7 +535,7 @@ def train(args):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, 0.999))
     scaler_g, scaler_d = common.grad_scaler(args.amp, device), common.grad_scaler(args.amp, device)
     steps, start, progress = common.total_steps(args, data.train), 0, []
-    state = run.load_checkpoint(MODEL_FLAGS, device)
+    state = run.load_checkpoint(MODEL_FLAGS, device, IMPLIED_FLAGS)
     if state:
         for module, key in ((G, "generator"), (D, "discriminator"), (ema, "ema"), (opt_g, "opt_g"), (opt_d, "opt_d"),
                             (scaler_g, "scaler_g"), (scaler_d, "scaler_d")):
@@ -649,13 +665,16 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=100, help="dimension of z (DCGAN: 100)")
     g.add_argument("--g-channels", type=int, default=64,
-                   help="G's channels before the output layer (DCGAN: 128 at 64px)")
+                   help="G's channels at half the image size (DCGAN: 128 at 64px, where its output layer reads them)")
     g.add_argument("--d-channels", type=int, default=128,
                    help="D's channels after the first layer (DCGAN: 128 at 64px; here twice G's: a better classifier)")
     g.add_argument("--cond", default="embedding", help="condition encoder of G: embedding (a table, linear in c) or "
                                                        "onehot (an MLP on the one-hot vector)")
     g.add_argument("--cond-dim", type=int, default=64, help="dimension of G's condition embedding")
     g.add_argument("--g-cond", default="cbn", help="condition into G: concat (with z) or cbn (conditional batch norm)")
+    g.add_argument("--g-out", default="conv", help="G's output layer: deconv (DCGAN's: a transposed convolution from "
+                                                   "half resolution) or conv (SNGAN's standard CNN: a 3x3 convolution "
+                                                   "after one more up-block to full resolution; default, see README)")
     g.add_argument("--d-cond", default="acgan", help="condition into D: concat (as input channels), projection "
                                                      "(Miyato & Koyama) or acgan (auxiliary classifier; default: the "
                                                      "best conditional accuracy on shapes, see README)")
@@ -664,8 +683,9 @@ def get_args(argv=None):
     g.add_argument("--acgan-weight", type=float, default=3.0, help="lambda of AC-GAN's class losses (--d-cond acgan)")
     g.add_argument("--acgan-on-fakes", type=int, default=0, choices=(0, 1),
                    help="1: D's classifier also learns from fakes, as in Odena et al. (lets D and G agree on a code)")
-    g.add_argument("--lr-d", type=float, default=2e-4, help="D's learning rate (--lr is G's; DCGAN: 2e-4 for both; "
-                                                           "TTUR: a larger one for D)")
+    g.add_argument("--lr-d", type=float, default=8e-4, help="D's learning rate (--lr is G's; DCGAN: 2e-4 for both; "
+                                                           "TTUR: a larger one for D; here 4 times G's, see README; "
+                                                           "--resume a run made before that with --lr-d 2e-4)")
     common.add_lr_decay_flag(g, default=0.0)
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 for both networks (DCGAN: 0.5)")
     g.add_argument("--d-steps", type=int, default=1, help="D steps per G step (--steps counts G steps)")
