@@ -71,9 +71,9 @@ classes apart: D's accuracy on real test images at 16px was 83% after 12,000 ste
 97% after 10,000 in float32 with a wider D and lambda 3), then G's output layer: with DCGAN's, the 13,000-step
 recipe reached 68%, 76%, 68% and 73% with seeds 0-3, and a faster D only got there sooner; with the full-resolution
 layer, 76% at D's old rate (seed 0), and 84% and 77% with D at 4 times G's rate (seeds 0 and 1), in about 16
-minutes. Both learning rates decayed linearly to zero over the second half
-(`--lr-decay 0.5`; SNGAN decays linearly), mode seeking, a wider G, other losses and R1 did not help (README: the
-trials behind all of it).
+minutes. Both learning rates decayed linearly to zero over the second half (`--lr-decay 0.5`; SNGAN decays
+linearly), mode seeking, a wider G, other losses, R1 and a larger lambda did not help (README: the trials behind
+all of it).
 
 Differences from the papers: DCGAN-sized networks (Miyato & Koyama use ResNets with spectral norm); AC-GAN's D
 learns the classes from real images only unless `--acgan-on-fakes` (see above).
