@@ -45,8 +45,16 @@ classifies every real and fake image correctly for WIN_STEPS steps in a row (D w
 carry little information), and when the pixel diversity of samples for fixed latents falls below COLLAPSE_RATIO
 of the best it reached (mode collapse).
 
-Differences from DCGAN: sizes 16, 32 and 64 by the number of stride-2 layers (DCGAN: 64 only); samples from an
-EMA of G in eval mode (batch norm with running statistics; DCGAN samples from G itself in train mode).
+G's output layer, `--g-out`: DCGAN's generator draws the image with its last transposed convolution (`deconv`), from
+features at half the image's size, so each output pixel is tanh of a linear function of a 2x2 patch of 16x16
+features at 32px; `conv` (the default) adds one more up-block to full resolution and draws the image there with a
+3x3 convolution, as SNGAN's standard CNN generator does (Miyato et al. 2018, Table 3). After the default 5,000
+steps it raised the share of samples the reference classifier labels confidently from 35% to 54% at the same
+Frechet distance (one seed each; README), for a step 1.19x slower.
+
+Differences from DCGAN: sizes 16, 32 and 64 by the number of stride-2 layers (DCGAN: 64 only); G's output layer
+(above); samples from an EMA of G in eval mode (batch norm with running statistics; DCGAN samples from G itself in
+train mode).
 """
 import argparse
 import copy
@@ -60,7 +68,8 @@ from tqdm import tqdm
 
 import common
 
-MODEL_FLAGS = ("dataset", "image_size", "latent_dim", "g_channels", "d_channels", "spectral_norm")
+MODEL_FLAGS = ("dataset", "image_size", "latent_dim", "g_channels", "g_out", "d_channels", "spectral_norm")
+IMPLIED_FLAGS = {"g_out": "deconv"}     # model flags added later whose absence from a checkpoint means this value
 LOSSES = ("minimax", "nonsat", "hinge", "ls")
 INIT_STD = 0.02         # DCGAN: every weight drawn from N(0, 0.02^2)
 LEAKY_SLOPE = 0.2       # DCGAN's LeakyReLU slope in D
@@ -85,19 +94,26 @@ def stride2_layers(image_size):
 
 class Generator(nn.Module):
     """z (B, latent_dim) -> image (B, C, S, S) in [-1, 1]: a transposed convolution to 4x4, then stride-2
-    transposed convolutions halving the channels and doubling the size, batch norm and ReLU between, tanh last."""
+    transposed convolutions halving the channels and doubling the size, batch norm and ReLU between, tanh last.
+    The image is drawn by a last transposed convolution from half-resolution features (out="deconv", DCGAN) or by
+    a 3x3 convolution after one more up-block to full resolution (out="conv", SNGAN's standard CNN)."""
 
-    def __init__(self, image_size=32, latent_dim=100, channels=64, out_channels=3):
+    def __init__(self, image_size=32, latent_dim=100, channels=64, out_channels=3, out="conv"):
         super().__init__()
+        if out not in ("deconv", "conv"):
+            common.fail(f"unknown --g-out {out!r}; choose deconv or conv")
         n = stride2_layers(image_size)
         c = channels * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim, c, 4, stride=1, padding=0, bias=False),      # (B, c, 4, 4)
                   nn.BatchNorm2d(c), nn.ReLU()]
-        for _ in range(n - 1):
+        for _ in range(n - 1 if out == "deconv" else n):    # conv: one more, to full resolution
             layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1, bias=False),     # (B, c/2, 2H, 2W)
                        nn.BatchNorm2d(c // 2), nn.ReLU()]
             c //= 2
-        layers += [nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1), nn.Tanh()]  # (B, C, S, S)
+        if out == "deconv":
+            layers += [nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1), nn.Tanh()]  # (B, C, S, S)
+        else:
+            layers += [nn.Conv2d(c, out_channels, 3, padding=1), nn.Tanh()]                      # (B, C, S, S)
         self.net = nn.Sequential(*layers)
         self.latent_dim = latent_dim
         init_weights(self)
@@ -238,13 +254,15 @@ def pixel_diversity(images):
 # ----------------------------------------------------------------------------- training
 
 def build(args, channels):
-    return (Generator(args.image_size, args.latent_dim, args.g_channels, channels),
+    return (Generator(args.image_size, args.latent_dim, args.g_channels, channels, args.g_out),
             Discriminator(args.image_size, args.d_channels, channels, args.spectral_norm))
 
 
 def check_flags(args):
     if args.loss not in LOSSES:
         common.fail(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+    if args.g_out not in ("deconv", "conv"):
+        common.fail(f"unknown --g-out {args.g_out!r}; choose deconv or conv")
     if args.label_smoothing and args.loss == "hinge":
         common.fail("--label-smoothing changes the real target of a BCE or least-squares D; hinge has no target")
     if not 0 <= args.label_smoothing < 1 or args.d_steps < 1 or args.instance_noise < 0 or args.r1 < 0:
@@ -373,7 +391,7 @@ def train(args):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, 0.999))
     scaler_g, scaler_d = common.grad_scaler(args.amp, device), common.grad_scaler(args.amp, device)
     steps, start, progress = common.total_steps(args, data.train), 0, []
-    state = run.load_checkpoint(MODEL_FLAGS, device)
+    state = run.load_checkpoint(MODEL_FLAGS, device, IMPLIED_FLAGS)
     if state:
         for module, key in ((G, "generator"), (D, "discriminator"), (ema, "ema"), (opt_g, "opt_g"), (opt_d, "opt_d"),
                             (scaler_g, "scaler_g"), (scaler_d, "scaler_d")):
@@ -473,6 +491,9 @@ def get_args(argv=None):
     g.add_argument("--latent-dim", type=int, default=100, help="dimension of z (DCGAN: 100)")
     g.add_argument("--g-channels", type=int, default=64,
                    help="G's channels before the output layer (DCGAN: 128 at 64px)")
+    g.add_argument("--g-out", default="conv", help="G's output layer: deconv (DCGAN's: a transposed convolution from "
+                                                   "half resolution) or conv (SNGAN's standard CNN: a 3x3 convolution "
+                                                   "after one more up-block to full resolution; default, see README)")
     g.add_argument("--d-channels", type=int, default=64, help="D's channels after the first layer (DCGAN: 128 at 64px)")
     g = p.add_argument_group("objective and balance")
     g.add_argument("--loss", default="nonsat", help="minimax, nonsat (default, Goodfellow et al. Sec. 3), hinge or ls")

@@ -28,6 +28,7 @@ VARIANTS = {    # name: (script, extra flags, channels_last); float32 is asked f
     "gan fp32 + channels_last": (gan, ["--amp", "off"], True),
     "gan bf16 autocast": (gan, ["--amp", "bf16"], False),
     "gan bf16 autocast + channels_last": (gan, ["--amp", "bf16"], True),
+    "gan bf16 autocast, DCGAN's output layer (--g-out deconv)": (gan, ["--amp", "bf16", "--g-out", "deconv"], False),
     "gan fp32, spectral norm in D": (gan, ["--amp", "off", "--spectral-norm"], False),
     "gan fp32, R1 penalty (double backward)": (gan, ["--amp", "off", "--r1", "1"], False),
     # gan.py's 64-channel D, so that these rows measure what conditioning costs (cgan.py's default D has 128)
@@ -35,6 +36,8 @@ VARIANTS = {    # name: (script, extra flags, channels_last); float32 is asked f
     "cgan fp32, cbn G + acgan D": (cgan, ["--amp", "off", "--d-cond", "acgan", "--d-channels", "64"], False),
     "cgan fp32, cbn G + acgan D, 128-channel D": (cgan, ["--amp", "off", "--d-cond", "acgan"], False),
     "cgan bf16 autocast, cbn G + acgan D, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], False),
+    "cgan bf16 autocast, 128-channel D, DCGAN's output layer (--g-out deconv)":
+        (cgan, ["--d-cond", "acgan", "--amp", "bf16", "--g-out", "deconv"], False),
     "cgan bf16 autocast + channels_last, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], True),
 }
 

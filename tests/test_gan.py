@@ -166,37 +166,45 @@ def test_network_shapes_and_output_range(size):
     assert logit.shape == (3,) and class_logits.shape == (3, K)
 
 
+@BOTH
 @pytest.mark.parametrize("size", [16, 32, 64])
-def test_cgan_output_layer_reads_full_or_half_resolution_features(size):
+def test_output_layer_reads_full_or_half_resolution_features(module, size):
     """--g-out conv (SNGAN's standard CNN): G's last hidden layer is already at the image's size and a 3x3
     convolution draws the image from it; deconv (DCGAN's): the last hidden layer is at half the size and a transposed
     convolution draws the image."""
     for out, hidden, layer in (("conv", size, nn.Conv2d), ("deconv", size // 2, nn.ConvTranspose2d)):
-        G = cgan.Generator(K, size, latent_dim=10, channels=8, g_out=out)
+        args = module.get_args(["--image-size", str(size), "--latent-dim", "10", "--g-channels", "8", "--g-out", out])
+        G = module.build(args, K, 3)[0] if module is cgan else module.build(args, 3)[0]
         seen = []
-        G.norms[-1].register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-1]))
-        x = G(torch.randn(2, 10), common.one_hot(torch.arange(2), K))
+        last_norm = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+        last_norm.register_forward_hook(lambda m, inputs, output: seen.append(output.shape[-1]))
+        z = torch.randn(2, 10)
+        x = G(z, common.one_hot(torch.arange(2), K)) if module is cgan else G(z)
         assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
-        assert seen == [hidden] and type(G.out) is layer
+        output_layer = [m for m in G.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+        assert seen == [hidden] and type(output_layer) is layer
 
 
-def test_cgan_checkpoint_from_before_g_out_loads_as_deconv(tmp_path):
+@BOTH
+def test_checkpoint_from_before_g_out_loads_as_deconv(module, tmp_path):
     """A checkpoint whose args lack g_out (made before the flag) is DCGAN's output layer: it loads with
     --g-out deconv, and without that flag the run stops with a one-line error naming it."""
-    cgan.train(cgan.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--g-out", "deconv", "--fid-samples", "0")))
-    path = tmp_path / "cgan" / "t" / "ckpt.pt"
+    module.train(module.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--g-out", "deconv",
+                                     "--fid-samples", "0")))
+    path = tmp_path / module.__name__ / "t" / "ckpt.pt"
     state = torch.load(path, weights_only=False)
     del state["args"]["g_out"]
     torch.save(state, path)
-    cgan.main(cli(tmp_path, "--sample-only", "--g-out", "deconv", "--fid-samples", "0"))
+    module.main(cli(tmp_path, "--sample-only", "--g-out", "deconv", "--fid-samples", "0"))
     with pytest.raises(SystemExit, match="was made with --g-out deconv; this run has --g-out conv"):
-        cgan.main(cli(tmp_path, "--sample-only"))
+        module.main(cli(tmp_path, "--sample-only"))
 
 
 def test_default_parameter_counts():
-    args = gan.get_args([])
-    G, D = gan.build(args, 3)
-    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (1_068_931, 663_361)
+    for g_out, g_parameters in (("deconv", 1_068_931), ("conv", 1_099_555)):     # deconv: older checkpoints' layout
+        G, D = gan.build(gan.get_args(["--g-out", g_out]), 3)
+        assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (g_parameters,
+                                                                                                     663_361)
     for g_out, g_parameters in (("deconv", 364_547), ("conv", 399_267)):     # deconv: what older checkpoints hold
         G, D = cgan.build(cgan.get_args(["--g-out", g_out]), K, 3)
         assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (g_parameters,
@@ -456,11 +464,11 @@ def test_bad_flags_fail_clearly(module, tmp_path):
         module.main(cli(tmp_path, "--loss", "hinge", "--label-smoothing", "0.1", "--steps", "1"))
     with pytest.raises(SystemExit, match="unknown --loss 'wgan'"):
         module.main(cli(tmp_path, "--loss", "wgan", "--steps", "1"))
+    with pytest.raises(SystemExit, match="unknown --g-out 'pixelshuffle'"):    # before any data is loaded
+        module.check_flags(module.get_args(cli(tmp_path, "--g-out", "pixelshuffle")))
     if module is cgan:
         with pytest.raises(SystemExit, match="unknown --d-cond 'sum'"):
             module.main(cli(tmp_path, "--d-cond", "sum", "--steps", "1"))
-        with pytest.raises(SystemExit, match="unknown --g-out 'pixelshuffle'"):    # before any data is loaded
-            cgan.check_flags(cgan.get_args(cli(tmp_path, "--g-out", "pixelshuffle")))
         with pytest.raises(SystemExit, match="--interpolate takes two class indices"):
             module.main(cli(tmp_path, "--interpolate", "0,12", "--steps", "1"))
         with pytest.raises(SystemExit, match="need --mode-seeking >= 0"):
