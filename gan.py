@@ -95,22 +95,22 @@ def stride2_layers(image_size):
 class Generator(nn.Module):
     """z (B, latent_dim) -> image (B, C, S, S) in [-1, 1]: a transposed convolution to 4x4, then stride-2
     transposed convolutions halving the channels and doubling the size, batch norm and ReLU between, tanh last.
-    The image is drawn by a last transposed convolution from half-resolution features (out="deconv", DCGAN) or by
-    a 3x3 convolution after one more up-block to full resolution (out="conv", SNGAN's standard CNN)."""
+    The image is drawn by a last transposed convolution from half-resolution features (g_out="deconv", DCGAN) or by
+    a 3x3 convolution after one more up-block to full resolution (g_out="conv", SNGAN's standard CNN)."""
 
-    def __init__(self, image_size=32, latent_dim=100, channels=64, out_channels=3, out="conv"):
+    def __init__(self, image_size=32, latent_dim=100, channels=64, out_channels=3, g_out="conv"):
         super().__init__()
-        if out not in ("deconv", "conv"):
-            common.fail(f"unknown --g-out {out!r}; choose deconv or conv")
+        if g_out not in ("deconv", "conv"):
+            common.fail(f"unknown --g-out {g_out!r}; choose deconv or conv")
         n = stride2_layers(image_size)
         c = channels * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim, c, 4, stride=1, padding=0, bias=False),      # (B, c, 4, 4)
                   nn.BatchNorm2d(c), nn.ReLU()]
-        for _ in range(n - 1 if out == "deconv" else n):    # conv: one more, to full resolution
+        for _ in range(n - 1 if g_out == "deconv" else n):    # conv: one more, to full resolution
             layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1, bias=False),     # (B, c/2, 2H, 2W)
                        nn.BatchNorm2d(c // 2), nn.ReLU()]
             c //= 2
-        if out == "deconv":
+        if g_out == "deconv":
             layers += [nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1), nn.Tanh()]  # (B, C, S, S)
         else:
             layers += [nn.Conv2d(c, out_channels, 3, padding=1), nn.Tanh()]                      # (B, C, S, S)
@@ -490,7 +490,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=100, help="dimension of z (DCGAN: 100)")
     g.add_argument("--g-channels", type=int, default=64,
-                   help="G's channels before the output layer (DCGAN: 128 at 64px)")
+                   help="G's channels at half the image size (DCGAN: 128 at 64px, where its output layer reads them)")
     g.add_argument("--g-out", default="conv", help="G's output layer: deconv (DCGAN's: a transposed convolution from "
                                                    "half resolution) or conv (SNGAN's standard CNN: a 3x3 convolution "
                                                    "after one more up-block to full resolution; default, see README)")

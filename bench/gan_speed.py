@@ -8,6 +8,7 @@
 Every variant runs gan.py's (or cgan.py's) own d_step and g_step on the same real batch; variants are timed
 interleaved, round after round, and reported as medians and as ratios to plain fp32 gan.py: absolute speed drifts
 25-40% within an hour on a shared CPU, ratios much less. Run it alone on an idle machine.
+Extra flags (the GPU line's channels) reach every variant after its own, so they override the variants' flags.
 """
 import argparse
 import statistics
@@ -36,7 +37,7 @@ VARIANTS = {    # name: (script, extra flags, channels_last); float32 is asked f
     "cgan fp32, cbn G + acgan D": (cgan, ["--amp", "off", "--d-cond", "acgan", "--d-channels", "64"], False),
     "cgan fp32, cbn G + acgan D, 128-channel D": (cgan, ["--amp", "off", "--d-cond", "acgan"], False),
     "cgan bf16 autocast, cbn G + acgan D, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], False),
-    "cgan bf16 autocast, 128-channel D, DCGAN's output layer (--g-out deconv)":
+    "cgan bf16 autocast, cbn G + acgan D, 128-channel D, DCGAN's output layer (--g-out deconv)":
         (cgan, ["--d-cond", "acgan", "--amp", "bf16", "--g-out", "deconv"], False),
     "cgan bf16 autocast + channels_last, 128-channel D": (cgan, ["--d-cond", "acgan", "--amp", "bf16"], True),
 }
