@@ -70,7 +70,7 @@ trials conditional accuracy followed first D's classifier (G is pushed towards a
 classes apart: D's accuracy on real test images at 16px was 83% after 12,000 steps with gan.py's D and lambda 1,
 97% after 10,000 in float32 with a wider D and lambda 3), then G's output layer: with DCGAN's, the 13,000-step
 recipe reached 68%, 76%, 68% and 73% with seeds 0-3, and a faster D only got there sooner; with the full-resolution
-layer, 76% at D's old rate (seed 0), and 84% and 77% with D at 4 times G's rate (seeds 0 and 1), in about 16
+layer, 76% at D's old rate (seed 0), and 84%, 77%, 74% and 83% with D at 4 times G's rate (seeds 0-3), in 16 to 18
 minutes. Both learning rates decayed linearly to zero over the second half (`--lr-decay 0.5`; SNGAN decays
 linearly), mode seeking, a wider G, other losses, R1 and a larger lambda did not help (README: the trials behind
 all of it).
