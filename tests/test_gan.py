@@ -386,6 +386,45 @@ def test_sampling_is_deterministic_under_a_seed(module, tmp_path):
     assert torch.equal(a, again) and not torch.equal(a, other)
 
 
+@pytest.mark.parametrize("d_cond", ["acgan", "projection", "concat"])
+def test_pick_keeps_the_candidate_d_calls_its_class_most_clearly(d_cond):
+    """--pick n: candidate j of every sample is G's image for the j-th draw of one latent stream seeded with the
+    seed (the first draw is generate's), and the sample kept is the candidate with the largest margin of D's class
+    evidence, in eval mode, for its label over the best other class (not its own evidence alone, nor the
+    smallest margin). D gets larger weights than DCGAN's initial ones, so that its margins are far from equal."""
+    torch.manual_seed(0)
+    G, D = cgan.Generator(3, 16, latent_dim=8, channels=8), cgan.Discriminator(3, 16, channels=8, d_cond=d_cond)
+    for layer in D.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(layer.weight, std=0.3)
+    G_eval, D_eval = copy.deepcopy(G).eval(), copy.deepcopy(D).eval()
+    c = common.one_hot(torch.arange(20) % 3, 3)
+    y = c.argmax(1)
+    stream = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        candidates = torch.stack([G_eval(torch.randn(20, 8, generator=stream), c) for _ in range(4)])  # (4, 20, ...)
+        evidence = torch.stack([cgan.class_evidence(D_eval, x, 3) for x in candidates])                 # (4, 20, 3)
+    label = y[None, :, None].expand(4, -1, 1)
+    own = evidence.gather(2, label)[..., 0]
+    margin = own - evidence.scatter(2, label, -math.inf).amax(2)
+    rows, tolerance = torch.arange(20), 1e-4 * margin.abs().mean()
+    picked = cgan.pick(G.train(), D.train(), c, 4, 5, "cpu", batch_size=7)       # pick puts both in eval mode
+    which = (picked[None] - candidates).flatten(2).abs().amax(2).argmin(0)      # the candidate each pick is
+    assert torch.allclose(picked, candidates[which, rows])
+    assert (margin[which, rows] >= margin.amax(0) - tolerance).all()
+    # the fixture can tell: keeping the largest evidence for y alone would lose on some rows
+    assert (margin[own.argmax(0), rows] < margin.amax(0) - tolerance).any()
+    assert torch.equal(cgan.pick(G, D, c, 1, 5, "cpu"), cgan.generate(G, c, 5, "cpu"))
+    if d_cond == "acgan":                                                       # the class head's logits
+        assert torch.equal(cgan.class_evidence(D_eval, candidates[0], 3), D_eval(candidates[0], c)[1])
+
+
+def test_pick_is_on_by_default_only_with_the_class_head():
+    assert cgan.get_args([]).pick == cgan.PICK_ACGAN == 16
+    assert cgan.get_args(["--d-cond", "projection"]).pick == cgan.get_args(["--d-cond", "concat"]).pick == 1
+    assert cgan.get_args(["--d-cond", "concat", "--pick", "4"]).pick == 4
+
+
 @BOTH
 def test_training_is_deterministic_under_a_seed(module, tmp_path):
     states = []
@@ -411,7 +450,7 @@ def test_cli_resume_sample_only_and_mismatch(module, tmp_path):
     assert final["parameters"]["generator"] > 0 and 0 < final["diversity"] and final["frechet_distance"] > 0
     if module is cgan:
         assert 0 <= final["conditional_accuracy"] <= 1 and len(final["unseen_conditions"]) == 6
-        assert final["within_class_diversity"] > 0
+        assert final["within_class_diversity"] > 0 and 0 <= final["conditional_accuracy_unpicked"] <= 1
     first = torch.load(run / "ckpt.pt", weights_only=False)
     module.main(cli(tmp_path, "--steps", "4", "--eval-every", "2", "--resume"))
     second = torch.load(run / "ckpt.pt", weights_only=False)
@@ -467,6 +506,8 @@ def test_bad_flags_fail_clearly(module, tmp_path):
     with pytest.raises(SystemExit, match="unknown --g-out 'pixelshuffle'"):    # before any data is loaded
         module.check_flags(module.get_args(cli(tmp_path, "--g-out", "pixelshuffle")))
     if module is cgan:
+        with pytest.raises(SystemExit, match="--pick 0: need at least 1 candidate"):
+            module.check_flags(module.get_args(cli(tmp_path, "--pick", "0")))
         with pytest.raises(SystemExit, match="unknown --d-cond 'sum'"):
             module.main(cli(tmp_path, "--d-cond", "sum", "--steps", "1"))
         with pytest.raises(SystemExit, match="--interpolate takes two class indices"):
@@ -547,13 +588,17 @@ def test_within_class_diversity_ignores_differences_between_classes():
 
 
 def test_final_json_within_class_diversity_is_the_samples_over_the_test_images(tmp_path):
-    """final.json's within_class_diversity is that of the report's class-balanced EMA samples (seeded, so drawn again
-    here) divided by that of the whole test split."""
+    """final.json's within_class_diversity is that of the report's class-balanced EMA samples, picked by D (seeded,
+    so drawn again here), divided by that of the whole test split; its _unpicked twin is that of G's samples as
+    drawn."""
     args = cgan.get_args(cli(tmp_path, "--steps", "2", "--eval-every", "2"))
     run, ema, G, D, data, parameters, device, steps = cgan.train(args)
     final = cgan.report(run, ema, G, D, data, parameters, device, steps, args)
     labels = torch.arange(args.fid_samples) % K
-    samples = cgan.generate(ema, common.one_hot(labels, K), args.seed, "cpu")
+    c = common.one_hot(labels, K)
     real, real_labels = (torch.cat(batches) for batches in zip(*data.test))
-    expected = cgan.within_class_diversity(samples, labels) / cgan.within_class_diversity(real, real_labels)
-    assert final["within_class_diversity"] == pytest.approx(expected, rel=1e-6)
+    real_within = cgan.within_class_diversity(real, real_labels)
+    for key, samples in (("within_class_diversity", cgan.pick(ema, D, c, args.pick, args.seed, "cpu")),
+                         ("within_class_diversity_unpicked", cgan.generate(ema, c, args.seed, "cpu"))):
+        expected = cgan.within_class_diversity(samples, labels) / real_within
+        assert final[key] == pytest.approx(expected, rel=1e-6), key
