@@ -5,6 +5,7 @@ Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
 Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672 (cosine schedule);
 Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", arXiv:2406.02507 (autoguidance);
 Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556 (`--min-snr`);
+Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv:2206.00364 (`--t-dist`);
 Chen, Zhang & Hinton 2023, "Analog Bits: Generating Discrete Data using Diffusion Models with Self-Conditioning",
 arXiv:2208.04202 (`--self-cond`).
 
@@ -37,7 +38,8 @@ Dropping the weights gives the simplified objective (Eq. 14, Algorithm 1) this s
     L_simple(theta) = E_{t ~ U{1..T}, x_0, eps ~ N(0, I)} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
 The weights are large for small t (nearly clean images, easy denoising); dropping them shifts effort to the
-harder, noisier t, which the paper found gives better samples. `loss()` returns the Monte Carlo estimate
+harder, noisier t, which the paper found gives better samples. On a small model and a short run uniform t
+overshoots towards the noise end, though: see `--t-dist` below. `loss()` returns the Monte Carlo estimate
 averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="mean"), i.e. L_simple / D.
 `--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022) with the same unweighted MSE, as ablations.
@@ -47,8 +49,30 @@ implies at the given x_t, every target's error is a multiple of the x_0 error:
 ||eps - eps^||^2 = SNR_t ||x_0 - x_0^||^2 and ||v - v^||^2 = (SNR_t + 1) ||x_0 - x_0^||^2. Min-SNR trains on
 min(SNR_t, gamma) ||x_0 - x_0^||^2, i.e. weights L_simple's eps error by min(SNR_t, gamma) / SNR_t: the same as
 L_simple where SNR_t <= gamma (the noisy t), less where images are nearly clean (t < 130 of 1000 for gamma = 5 on
-the linear schedule). On the default run it did not help (README), so it stays an ablation; validation and test
-losses stay L_simple / D, so they compare across weightings.
+the linear schedule). On the default run with uniform t it did not help (README), so it stays an ablation;
+validation and test losses stay L_simple / D, so they compare across weightings.
+
+Which noise levels training sees (`--t-dist`). L_simple draws t uniformly. Measured by the noise level
+sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) on the linear schedule, a third of those draws have sigma_t > 10
+(t >= 674: x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth
+3 < sigma_t <= 10, 39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn.
+`--t-dist lognormal` (the default) draws ln sigma ~ N(-1.2, 1.2^2), the training distribution of EDM (Karras et al.
+2022, "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv:2206.00364, Sec. 5; their values
+for data in [-1, 1]), and trains the t whose sigma_t is nearest (nearest in alpha_bar_t = 1 / (1 + sigma^2)).
+Each draw has probability 1/5 of being uniform instead, so the nearly pure-noise steps the sampler starts from
+are still trained: about a fifth of each batch. The shares become 7% (nearly all of it from the uniform draws),
+6%, 46% and 42%. Drawing t from p(t) instead of uniformly has the same expectation as weighting L_simple's terms
+by T p(t),
+    E_{t ~ p} ||eps - eps_theta(x_t, t)||^2 = E_{t ~ U} T p(t) ||eps - eps_theta(x_t, t)||^2,
+a reweighting of L_simple's terms like Min-SNR's (above), but one that moves the effort from the noise end to low
+and middle noise instead of away from the clean end, and spends every network evaluation on it. Only the
+distribution is EDM's: the loss stays L_simple's eps error, without EDM's weighting lambda(sigma) or its
+preconditioning of the network's inputs and outputs. The training loss in the log is this weighted loss, and it
+reads higher than L_simple (0.023 against 0.009 at the end of the default run): a nearly clean x_t says little
+about the noise in it. Validation and test losses stay L_simple (uniform t), so they compare across runs. On
+the default run it lowers the Frechet distance from 15.6 to 7.3 and raises the share of samples the reference
+classifier is sure of from 59.3% to 74.8%; with --seed 1, from 21.8 to 15.7 and 57.9% to 70.8% (README).
+cddpm.py still draws t uniformly.
 
 Autoguidance (Karras et al. 2024). An unconditional model has no class to guide towards, but it can be guided
 away from its own mistakes. A weaker model D_0 of the same kind makes the same errors as the trained model D_1,
@@ -63,10 +87,10 @@ extrapolation of the predicted clean image. In score terms each step follows the
 p_0(x_t))^(w-1): the direction in which training improved the model is followed further, which pulls samples out
 of the regions between shapes where the weaker model is most wrong. Unlike classifier-free guidance it needs no
 condition and does not trade diversity for fidelity. It costs two network evaluations per sampling step and no
-extra training; the guide rides along in the checkpoint. On the default run, w = 2 lowers the Frechet distance
-from 23.1 to 15.6 and raises the share of samples the reference classifier is sure of from 51.4% to 59.3%; with
---seed 1 the distance stays (21.5, 21.8) and the share rises from 52.8% to 57.9% (README, which also compares
-other guides and weights).
+extra training; the guide rides along in the checkpoint. On the default run with uniform t, w = 2 lowers the
+Frechet distance from 23.1 to 15.6 and raises the share of samples the reference classifier is sure of from 51.4%
+to 59.3%; with --seed 1 the distance stays (21.5, 21.8) and the share rises from 52.8% to 57.9% (README, which also
+compares other guides and weights). With the default's lognormal t: 14.1 to 7.3 and 58.2% to 74.8%.
 
 Self-conditioning (`--self-cond`; Chen, Zhang & Hinton 2023, "Analog Bits", arXiv:2208.04202). Every sampling step
 predicts a clean image x_0^ and the next step throws it away, starting again from x_{t-1} alone. A self-conditioned
@@ -78,12 +102,13 @@ on a random half of the batches the network first predicts x_0^ = x_0(eps_theta(
     || eps - eps_theta(x_t, sg(x_0^), t) ||^2        (sg: stop gradient; on the other half, x_0^ = 0)
 
 Under autoguidance both networks get the guided step's x_0 (clipped). The extra forward pass on half the steps
-(0.49 against 0.37 GFLOP per training image when it runs) made the default's run take 19 min 48 s, about 30 s of it
-training the reference classifier on first use, against about 18 minutes without it. On 16px shapes it did
-not help (README, two seeds): without guidance FD 21.1 and 53.7% confident on average against the plain network's
-22.3 and 52.1% (seed 0 gained, 23.1 -> 18.0, seed 1 lost, 21.5 -> 24.1), and with autoguidance at w = 2 the distance
-is worse (31.3 and 25.8 against 15.6 and 21.8): feeding the guided x_0 back compounds the extrapolation, and feeding
-the network's own unguided x_0 instead (a probe) narrows the gap without closing it. So it stays a flag.
+(0.49 against 0.37 GFLOP per training image when it runs) made a run of the default with uniform t take
+19 min 48 s, about 30 s of it training the reference classifier on first use, against about 18 minutes without
+it. On 16px shapes with uniform t it did not help (README, two seeds): without guidance FD 21.1 and 53.7%
+confident on average against the plain network's 22.3 and 52.1% (seed 0 gained, 23.1 -> 18.0, seed 1 lost,
+21.5 -> 24.1), and with autoguidance at w = 2 the distance is worse (31.3 and 25.8 against 15.6 and 21.8): feeding
+the guided x_0 back compounds the extrapolation, and feeding the network's own unguided x_0 instead (a probe)
+narrows the gap without closing it. So it stays a flag.
 
 Index convention: the code's t runs 0..T-1 and stands for the paper's t = 1..T; alpha_bar_prev at t = 0 is 1.
 
@@ -94,7 +119,8 @@ Differences from the paper:
   only in the middle (the paper: at 16x16 too). The budget is wall-clock time, and the paper's shape at this width
   (`--blocks 2 --attn-res 8`, 1.7M parameters) takes 1.8-1.9x as long per training step here, so the default's
   6,500 steps take the time its 3,500 did: Frechet distance 23.1 against 33.1, 51.4% confident samples against
-  47.3%, both without autoguidance (README). Capacity is not what runs out on 16px shapes; images seen are.
+  47.3%, both without autoguidance and with uniform t (README). Capacity is not what runs out on 16px shapes;
+  images seen are.
 - The time embedding enters each residual block as a scale and shift of the normalised features,
   GroupNorm(h) (1 + s) + b with [s, b] = W emb (AdaGN, Dhariwal & Nichol 2021, arXiv:2105.05233), not as the
   paper's shift before the norm, GroupNorm(h + W emb) (`--inject shift`), which the norm partly undoes (it removes
@@ -108,6 +134,8 @@ Differences from the paper:
   does, and after 3,500 steps the average (`--ema 0.999`) lags behind: with the paper-shaped U-Net and
   `--inject shift`, Frechet distance 56.7 against 48.4 for the raw weights, 43.7% confident samples against
   45.0% (README). At a constant rate the EMA helps.
+- Training timesteps follow EDM's log-normal noise levels on four fifths of each batch (above; `--t-dist uniform`
+  draws them uniformly, as the paper does).
 - Samples are autoguided by default (above; `--guidance 1` samples the trained network alone, as the paper does).
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
@@ -132,6 +160,9 @@ GROUPS = 8              # GroupNorm groups (the paper: 32, at 128+ channels)
 RES_SCALE = 2 ** -0.5   # keeps the residual sum at unit variance when both branches have it
 WARMUP = 200            # optimiser steps of linear learning-rate warmup (the paper: 5000 over 800k steps)
 GRAD_CLIP = 1.0         # global gradient-norm clip (the paper's code)
+LOGNORMAL_MEAN = -1.2   # --t-dist lognormal: ln sigma ~ N(mean, std^2) (EDM's P_mean, P_std for data in [-1, 1])
+LOGNORMAL_STD = 1.2
+UNIFORM_SHARE = 0.2     # probability that a draw is uniform anyway, so that no step of the chain goes untrained
 GUIDE_EMA = 0.99        # EMA decay of the autoguidance guide: it averages about the last 100 steps before --guide-at
 
 
@@ -289,13 +320,27 @@ def q_posterior(x0, xt, t, schedule):
     return mean, (1 - ab_prev) / (1 - ab) * beta
 
 
-def loss(model, x0, schedule, pred="eps", min_snr=0.0, self_cond=False):
-    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v.
+def sample_timesteps(n, schedule, dist, device):
+    """n training timesteps: uniform over 0..T-1 (the paper), or for `lognormal` the t whose noise level
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is nearest a draw of ln sigma ~ N(LOGNORMAL_MEAN, LOGNORMAL_STD^2)
+    (nearest in alpha_bar_t = 1 / (1 + sigma^2)), except that each draw is uniform with probability UNIFORM_SHARE."""
+    t = torch.randint(0, schedule.timesteps, (n,), device=device)
+    if dist == "uniform":
+        return t
+    log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, device=device)
+    alpha_bar = torch.sigmoid(-2 * log_sigma)                      # 1 / (1 + sigma^2) = sigmoid(-2 ln sigma)
+    nearest = (schedule.alpha_bar[None, :] - alpha_bar[:, None]).abs().argmin(1)
+    return torch.where(torch.rand(n, device=device) < UNIFORM_SHARE, t, nearest)
+
+
+def loss(model, x0, schedule, pred="eps", min_snr=0.0, self_cond=False, t_dist="uniform"):
+    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v;
+    t drawn by sample_timesteps (`t_dist`: uniform is L_simple itself, lognormal weights its terms, see above).
     min_snr = gamma > 0 weights each t's error by min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) for x_0 and
     min(SNR_t, gamma) / (SNR_t + 1) for v (Min-SNR, see the module docstring).
     self_cond: on a random half of the batches (one coin per batch) the network first guesses x_0 from x_t alone,
     without gradient, and is trained with that guess as its extra input; on the other half with zeros (no guess)."""
-    t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
+    t = sample_timesteps(len(x0), schedule, t_dist, x0.device)
     eps = torch.randn_like(x0)
     xt = q_sample(x0, t, schedule, eps)
     ab = expand(schedule.alpha_bar, t)
@@ -438,7 +483,8 @@ def evaluate(model, loader, schedule, args, device, max_batches=None):
                 break
             x = x.to(device, memory_format=layout)
             with common.autocast(args.amp, device):
-                total += loss(model, x, schedule, args.pred, self_cond=args.self_cond).item() * len(x)
+                # uniform t whatever --t-dist trained on: L_simple, comparable across runs
+                total += loss(model, x, schedule, args.pred, self_cond=args.self_cond, t_dist="uniform").item() * len(x)
             n += len(x)
     return total / n
 
@@ -509,6 +555,10 @@ def train(args):
             guide_step = state["guide_step"]          # a longer resumed run keeps the guide it had
         else:                                          # made before autoguidance existed
             guide = None
+        trained_on = state["args"].get("t_dist", "uniform")   # checkpoints from before the flag drew uniform t
+        if not args.sample_only and trained_on != args.t_dist:
+            common.fail(f"checkpoint {run.ckpt_path} was trained with --t-dist {trained_on}; this run has "
+                        f"--t-dist {args.t_dist}: pass the same flag to resume it")
         sampling_network(ema, guide, args)            # a checkpoint without a guide fails now, not after training
     if args.sample_only:
         steps = start
@@ -522,7 +572,7 @@ def train(args):
         x, _ = next(batches)
         x = x.to(device, memory_format=layout)
         with common.autocast(args.amp, device):
-            l = loss(net, x, schedule, args.pred, args.min_snr, args.self_cond)
+            l = loss(net, x, schedule, args.pred, args.min_snr, args.self_cond, args.t_dist)
         common.check_finite(l, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(l).backward()
@@ -540,7 +590,8 @@ def train(args):
             if common.is_main():
                 val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
                 run.log(step + 1, "val", loss=val)
-                tqdm.write(f"step {step + 1}: train loss {l.item():.4f}, validation loss (sampling weights) {val:.4f}")
+                tqdm.write(f"step {step + 1}: train loss ({args.t_dist} t) {l.item():.4f}, "
+                           f"validation loss (uniform t, sampling weights) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
                                     guide=guide.state_dict() if guide is not None else None, guide_step=guide_step,
                                     optimizer=opt.state_dict(), scaler=scaler.state_dict())
@@ -604,8 +655,12 @@ def get_args(argv=None):
     g.add_argument("--timesteps", type=int, default=1000, help="T, diffusion steps (paper: 1000)")
     g.add_argument("--schedule", default="linear", help="linear (paper) or cosine (Nichol & Dhariwal)")
     g.add_argument("--pred", default="eps", choices=("eps", "x0", "v"), help="what the network predicts (paper: eps)")
+    g.add_argument("--t-dist", default="lognormal", choices=("uniform", "lognormal"),
+                   help="training timesteps: uniform (paper, L_simple) or lognormal (the noise levels of EDM, "
+                        "Karras et al. 2022, each draw uniform with probability 1/5; default, see the docstring)")
     g.add_argument("--min-snr", type=float, default=0.0,
-                   help="gamma of Min-SNR loss weighting (Hang et al. 2023; 5 in the paper); 0: L_simple")
+                   help="gamma of Min-SNR loss weighting (Hang et al. 2023; 5 in the paper; measured only with "
+                        "--t-dist uniform); 0: off")
     g.add_argument("--self-cond", action="store_true",
                    help="self-conditioning (Chen et al. 2023): the network also sees its own previous guess of x_0")
     g.add_argument("--ema", type=float, default=0.0,

@@ -425,7 +425,7 @@ def load_ddpm(args, device):
     if not path.exists():
         if args.ckpt:
             common.fail(f"--ckpt {path} does not exist; train a model with python ddpm.py, or leave out --ckpt")
-        print(f"no DDPM at {path}: training ddpm.py's default model first (about 18 minutes on a 2-core CPU)")
+        print(f"no DDPM at {path}: training ddpm.py's default model first (about 20 minutes on a 2-core CPU)")
         ddpm.main(["--name", "default", "--out", args.out, "--data-dir", args.data_dir, "--device", args.device])
     try:
         state = torch.load(path, map_location=device, weights_only=False)

@@ -236,6 +236,51 @@ def test_min_snr_weighs_each_t_by_min_snr_gamma_in_x0_space_whatever_the_network
     assert unweighted.item() == pytest.approx((miss ** 2 * per_t).mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("threshold", [0.1, 0.3, 1.0, 3.0, 10.0])
+def test_lognormal_timesteps_put_edms_noise_levels_on_four_fifths_of_the_batch(threshold):
+    """P(sigma_t <= c) for the drawn t is 0.8 Phi((ln c - mean) / std) + 0.2 (the uniform share's), where
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): EDM's ln sigma ~ N(-1.2, 1.2^2), rounded to the nearest t."""
+    s = ddpm.Schedule(timesteps=1000)
+    sigma = ((1 - s.alpha_bar.double()) / s.alpha_bar.double()).sqrt()
+    torch.manual_seed(0)
+    t = ddpm.sample_timesteps(50_000, s, "lognormal", "cpu")
+    assert t.min() >= 0 and t.max() <= 999
+    normal = torch.distributions.Normal(ddpm.LOGNORMAL_MEAN, ddpm.LOGNORMAL_STD)
+    expected = ((1 - ddpm.UNIFORM_SHARE) * normal.cdf(torch.tensor(threshold).log())
+                + ddpm.UNIFORM_SHARE * (sigma <= threshold).double().mean())
+    assert (sigma[t] <= threshold).double().mean().item() == pytest.approx(expected.item(), abs=0.01)
+
+
+def test_lognormal_t_is_the_default_with_edms_constants():
+    assert ddpm.get_args([]).t_dist == "lognormal"
+    assert (ddpm.LOGNORMAL_MEAN, ddpm.LOGNORMAL_STD, ddpm.UNIFORM_SHARE) == (-1.2, 1.2, 0.2)
+
+
+def test_uniform_timesteps_are_l_simples_and_validation_stays_uniform_whatever_training_draws():
+    """--t-dist uniform draws t as torch.randint did before the flag; evaluate() (validation and test loss) uses
+    uniform t under either setting, so the losses of runs with different --t-dist compare."""
+    s = ddpm.Schedule(timesteps=100)
+    torch.manual_seed(3)
+    drawn = ddpm.sample_timesteps(500, s, "uniform", "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randint(0, 100, (500,)))
+    model = tiny_model()
+    batches = [(torch.rand(4, 3, 8, 8) * 2 - 1, torch.zeros(4)) for _ in range(2)]
+    losses = [ddpm.evaluate(model, batches, s, ddpm.get_args(["--t-dist", dist, "--amp", "off"]),
+                            torch.device("cpu"))
+              for dist in ("uniform", "lognormal")]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("dist", ["uniform", "lognormal"])
+def test_training_draws_t_from_t_dist_and_validation_and_test_from_the_uniform(tmp_path, monkeypatch, dist):
+    drawn = []
+    draw = ddpm.sample_timesteps
+    monkeypatch.setattr(ddpm, "sample_timesteps", lambda n, s, d, device: drawn.append(d) or draw(n, s, d, device))
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--t-dist", dist))
+    assert drawn[:2] == [dist, dist] and len(drawn) > 2 and set(drawn[2:]) == {"uniform"}
+
+
 def test_a_self_conditioned_unet_reads_its_previous_guess_and_a_plain_one_ignores_it():
     x, t, guess = torch.randn(2, 3, 8, 8), torch.tensor([3, 15]), torch.rand(2, 3, 8, 8) * 2 - 1
     plain, model, guide = tiny_model(), tiny_model(self_cond=True), tiny_model(self_cond=True)
@@ -382,6 +427,21 @@ def test_cli_resume_and_sample_only(tmp_path):
         ddpm.main(cli(tmp_path, "--resume", "--inject", "shift"))
     with pytest.raises(SystemExit, match="was made with --self-cond False; this run has --self-cond True"):
         ddpm.main(cli(tmp_path, "--resume", "--self-cond"))
+    with pytest.raises(SystemExit, match="was trained with --t-dist lognormal; this run has --t-dist uniform"):
+        ddpm.main(cli(tmp_path, "--steps", "6", "--resume", "--t-dist", "uniform"))
+
+
+def test_a_checkpoint_from_before_t_dist_resumes_only_with_the_uniform_t_it_was_trained_on(tmp_path):
+    ddpm.main(cli(tmp_path, "--steps", "2", "--eval-every", "2", "--t-dist", "uniform"))
+    path = tmp_path / "ddpm" / "t" / "ckpt.pt"
+    old = torch.load(path, weights_only=False)
+    del old["args"]["t_dist"]                     # as saved before --t-dist existed
+    torch.save(old, path)
+    with pytest.raises(SystemExit, match="was trained with --t-dist uniform; this run has --t-dist lognormal"):
+        ddpm.main(cli(tmp_path, "--steps", "3", "--eval-every", "3", "--resume"))
+    ddpm.main(cli(tmp_path, "--sample-only"))     # sampling does not train, so any --t-dist will do
+    ddpm.main(cli(tmp_path, "--steps", "3", "--eval-every", "3", "--resume", "--t-dist", "uniform"))
+    assert torch.load(path, weights_only=False)["step"] == 3
 
 
 def test_a_self_conditioned_run_trains_resumes_and_samples(tmp_path):
