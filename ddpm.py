@@ -33,13 +33,15 @@ The posterior is Gaussian, q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) with
     beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
 Writing mu_theta through a noise prediction, mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
 each KL is a weighted squared error, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_theta||^2 + C.
-Dropping the weights gives the simplified objective (Eq. 14, Algorithm 1) this script trains:
+Dropping the weights gives the simplified objective (Eq. 14, Algorithm 1) this script trains with
+`--t-dist uniform` (the default draws t differently, below):
 
     L_simple(theta) = E_{t ~ U{1..T}, x_0, eps ~ N(0, I)} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
-The weights are large for small t (nearly clean images, easy denoising); dropping them shifts effort to the
-harder, noisier t, which the paper found gives better samples. On a small model and a short run uniform t
-overshoots towards the noise end, though: see `--t-dist` below. `loss()` returns the Monte Carlo estimate
+The weights are large for small t (nearly clean images, where the clean image is easy to recover); dropping them
+shifts effort to the noisier t, which the paper found gives better samples. On a small model and a short run
+uniform t then spends a third of its draws where x_t is almost pure noise, though: see `--t-dist` below.
+`loss()` returns the Monte Carlo estimate
 averaged over the batch and over the D = C*H*W pixels (F.mse_loss, reduction="mean"), i.e. L_simple / D.
 `--pred x0` regresses x_0 and `--pred v` regresses v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022) with the same unweighted MSE, as ablations.
@@ -52,27 +54,30 @@ L_simple where SNR_t <= gamma (the noisy t), less where images are nearly clean 
 the linear schedule). On the default run with uniform t it did not help (README), so it stays an ablation;
 validation and test losses stay L_simple / D, so they compare across weightings.
 
-Which noise levels training sees (`--t-dist`). L_simple draws t uniformly. Measured by the noise level
-sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) on the linear schedule, a third of those draws have sigma_t > 10
-(t >= 674: x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth
-3 < sigma_t <= 10, 39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn.
-`--t-dist lognormal` (the default) draws ln sigma ~ N(-1.2, 1.2^2), the training distribution of EDM (Karras et al.
-2022, "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv:2206.00364, Sec. 5; their values
-for data in [-1, 1]), and trains the t whose sigma_t is nearest (nearest in alpha_bar_t = 1 / (1 + sigma^2)).
-Each draw has probability 1/5 of being uniform instead, so the nearly pure-noise steps the sampler starts from
-are still trained: about a fifth of each batch. The shares become 7% (nearly all of it from the uniform draws),
-6%, 46% and 42%. Drawing t from p(t) instead of uniformly has the same expectation as weighting L_simple's terms
-by T p(t),
+Which noise levels training sees (`--t-dist`). L_simple draws t uniformly. Measured by the noise level sigma_t =
+sqrt((1 - alpha_bar_t) / alpha_bar_t) on the linear schedule, a third of those draws have sigma_t > 10 (t >= 674:
+x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth 3 < sigma_t <= 10,
+39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn. `--t-dist lognormal` (the
+default) draws ln sigma ~ N(-1.2, 1.2^2), the training distribution of EDM (Karras et al. 2022, "Elucidating the
+Design Space of Diffusion-Based Generative Models", arXiv:2206.00364, Sec. 5; their values for data in [-1, 1]), and
+trains the t whose alpha_bar_t is nearest 1 / (1 + sigma^2), the grid point next to the drawn sigma (draws beyond
+the schedule's ends go to its first or last step). Each draw has probability 1/5 of being uniform instead, so the
+nearly pure-noise steps the sampler starts from are still trained: about a fifth of each batch. The shares become 7%
+(nearly all of it from the uniform draws), 6%, 46% and 42%. Drawing t from p(t) instead of uniformly has the same
+expectation as weighting L_simple's terms by T p(t),
     E_{t ~ p} ||eps - eps_theta(x_t, t)||^2 = E_{t ~ U} T p(t) ||eps - eps_theta(x_t, t)||^2,
 a reweighting of L_simple's terms like Min-SNR's (above), but one that moves the effort from the noise end to low
-and middle noise instead of away from the clean end, and spends every network evaluation on it. Only the
-distribution is EDM's: the loss stays L_simple's eps error, without EDM's weighting lambda(sigma) or its
-preconditioning of the network's inputs and outputs. The training loss in the log is this weighted loss, and it
-reads higher than L_simple (0.023 against 0.009 at the end of the default run): a nearly clean x_t says little
-about the noise in it. Validation and test losses stay L_simple (uniform t), so they compare across runs. On
-the default run it lowers the Frechet distance from 15.6 to 7.3 and raises the share of samples the reference
-classifier is sure of from 59.3% to 74.8%; with --seed 1, from 21.8 to 15.7 and 57.9% to 70.8% (README).
-cddpm.py still draws t uniformly.
+and middle noise instead of away from the clean end. Unlike a weight, which still spends network evaluations on the
+t it then multiplies by almost nothing, drawing t spends them where the weight is large. Only the distribution is
+EDM's: the loss stays L_simple's eps error, without EDM's preconditioning of the network's inputs and outputs. In
+x_0 terms the eps error weights a noise level by 1 / sigma^2 (||eps - eps^||^2 = SNR_t ||x_0 - x_0^||^2 with SNR_t =
+1 / sigma_t^2), EDM's loss by lambda(sigma) = 1 / sigma^2 + 1 / sigma_data^2 (sigma_data = 0.5): the two agree where
+sigma << 0.5, and the eps error gives high noise levels less weight. The training loss in the log is this weighted
+loss, and it reads higher than L_simple (0.023 over the default run's last 500 steps, against a validation loss of
+0.009 at its end): a nearly clean x_t says little about the noise in it. Validation and test losses stay L_simple
+(uniform t), so they compare across runs. On the default run it lowers the Frechet distance from 15.6 to 7.3 and
+raises the share of samples the reference classifier is sure of from 59.3% to 74.8%; with --seed 1, from 21.8 to
+15.7 and 57.9% to 70.8% (README). cddpm.py still draws t uniformly.
 
 Autoguidance (Karras et al. 2024). An unconditional model has no class to guide towards, but it can be guided
 away from its own mistakes. A weaker model D_0 of the same kind makes the same errors as the trained model D_1,
@@ -90,7 +95,8 @@ condition and does not trade diversity for fidelity. It costs two network evalua
 extra training; the guide rides along in the checkpoint. On the default run with uniform t, w = 2 lowers the
 Frechet distance from 23.1 to 15.6 and raises the share of samples the reference classifier is sure of from 51.4%
 to 59.3%; with --seed 1 the distance stays (21.5, 21.8) and the share rises from 52.8% to 57.9% (README, which also
-compares other guides and weights). With the default's lognormal t: 14.1 to 7.3 and 58.2% to 74.8%.
+compares other guides and weights). With the default's lognormal t: 14.1 to 7.3 and 58.2% to 74.8%; with
+--seed 1 the share rises from 58.6% to 70.8% but the distance from 12.5 to 15.7 (w = 1.5: 8.8 and 65.9%).
 
 Self-conditioning (`--self-cond`; Chen, Zhang & Hinton 2023, "Analog Bits", arXiv:2208.04202). Every sampling step
 predicts a clean image x_0^ and the next step throws it away, starting again from x_{t-1} alone. A self-conditioned
@@ -155,7 +161,8 @@ import common
 
 MODEL_FLAGS = ("image_size", "channels", "channel_mult", "blocks", "attn_res", "heads", "dropout", "inject",
                "timesteps", "schedule", "pred", "self_cond")
-IMPLIED_FLAGS = {"self_cond": False}    # model flags added later whose absence from a checkpoint means this value
+RESUME_FLAGS = ("t_dist",)              # training flags a resumed run keeps: a change would mix two objectives
+IMPLIED_FLAGS = {"self_cond": False, "t_dist": "uniform"}  # flags added later: absent from a checkpoint, they mean this
 GROUPS = 8              # GroupNorm groups (the paper: 32, at 128+ channels)
 RES_SCALE = 2 ** -0.5   # keeps the residual sum at unit variance when both branches have it
 WARMUP = 200            # optimiser steps of linear learning-rate warmup (the paper: 5000 over 800k steps)
@@ -321,9 +328,10 @@ def q_posterior(x0, xt, t, schedule):
 
 
 def sample_timesteps(n, schedule, dist, device):
-    """n training timesteps: uniform over 0..T-1 (the paper), or for `lognormal` the t whose noise level
-    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is nearest a draw of ln sigma ~ N(LOGNORMAL_MEAN, LOGNORMAL_STD^2)
-    (nearest in alpha_bar_t = 1 / (1 + sigma^2)), except that each draw is uniform with probability UNIFORM_SHARE."""
+    """n training timesteps: uniform over 0..T-1 (the paper), or for `lognormal` a draw of
+    ln sigma ~ N(LOGNORMAL_MEAN, LOGNORMAL_STD^2) put on the grid: the t whose alpha_bar_t is nearest 1 / (1 + sigma^2)
+    (draws beyond the schedule's ends go to t = 0 or T - 1), except that each draw is uniform with probability
+    UNIFORM_SHARE."""
     t = torch.randint(0, schedule.timesteps, (n,), device=device)
     if dist == "uniform":
         return t
@@ -334,8 +342,8 @@ def sample_timesteps(n, schedule, dist, device):
 
 
 def loss(model, x0, schedule, pred="eps", min_snr=0.0, self_cond=False, t_dist="uniform"):
-    """L_simple / D: || target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v;
-    t drawn by sample_timesteps (`t_dist`: uniform is L_simple itself, lognormal weights its terms, see above).
+    """|| target - model(x_t, t) ||^2 averaged over batch and pixels (Algorithm 1); target eps, x_0 or v; t drawn by
+    sample_timesteps (`t_dist`: uniform gives L_simple / D, lognormal weights its terms, see the module docstring).
     min_snr = gamma > 0 weights each t's error by min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) for x_0 and
     min(SNR_t, gamma) / (SNR_t + 1) for v (Min-SNR, see the module docstring).
     self_cond: on a random half of the batches (one coin per batch) the network first guesses x_0 from x_t alone,
@@ -543,7 +551,7 @@ def train(args):
     steps = common.total_steps(args, data.train)
     guide_step = max(1, round(args.guide_at * steps))
     start = 0
-    state = run.load_checkpoint(MODEL_FLAGS, device, IMPLIED_FLAGS)
+    state = run.load_checkpoint(MODEL_FLAGS + (() if args.sample_only else RESUME_FLAGS), device, IMPLIED_FLAGS)
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -555,10 +563,6 @@ def train(args):
             guide_step = state["guide_step"]          # a longer resumed run keeps the guide it had
         else:                                          # made before autoguidance existed
             guide = None
-        trained_on = state["args"].get("t_dist", "uniform")   # checkpoints from before the flag drew uniform t
-        if not args.sample_only and trained_on != args.t_dist:
-            common.fail(f"checkpoint {run.ckpt_path} was trained with --t-dist {trained_on}; this run has "
-                        f"--t-dist {args.t_dist}: pass the same flag to resume it")
         sampling_network(ema, guide, args)            # a checkpoint without a guide fails now, not after training
     if args.sample_only:
         steps = start
@@ -591,7 +595,7 @@ def train(args):
                 val = evaluate(ema, data.val, schedule, args, device, max_batches=20)
                 run.log(step + 1, "val", loss=val)
                 tqdm.write(f"step {step + 1}: train loss ({args.t_dist} t) {l.item():.4f}, "
-                           f"validation loss (uniform t, sampling weights) {val:.4f}")
+                           f"validation loss (uniform t, the weights sampled from) {val:.4f}")
                 run.save_checkpoint(step + 1, model=model.state_dict(), ema=ema.state_dict(),
                                     guide=guide.state_dict() if guide is not None else None, guide_step=guide_step,
                                     optimizer=opt.state_dict(), scaler=scaler.state_dict())
@@ -691,7 +695,7 @@ def get_args(argv=None):
     if not 0 < args.guide_at <= 1:
         common.fail(f"--guide-at is a fraction of the training steps in (0, 1], got {args.guide_at}")
     if args.min_snr < 0:
-        common.fail(f"--min-snr is the weighting's gamma, > 0 (or 0: L_simple), got {args.min_snr}")
+        common.fail(f"--min-snr is the weighting's gamma, > 0 (or 0: off), got {args.min_snr}")
     return args
 
 

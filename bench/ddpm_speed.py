@@ -10,7 +10,8 @@
     python bench/ddpm_speed.py --device cuda --channels 128 --channel-mult 1,2,2,2 --blocks 2 --attn-res 16 \
         --batch-size 128                               # the paper's CIFAR-10 U-Net on a GPU (ddpm.py's flags pass through)
 
-Every variant runs the same training step (ddpm.loss, backward, AdamW) on the same batch; variants are timed
+Every variant runs the same training step (ddpm.loss with uniform t: the default --t-dist lognormal's draw adds
+0.09 ms a batch, see the README; backward, AdamW) on the same batch; variants are timed
 interleaved, round after round, and reported as medians and as ratios to plain fp32: absolute speed drifts
 25-40% within an hour on a shared CPU, ratios much less. Run it alone on an idle machine.
 
