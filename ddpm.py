@@ -55,7 +55,8 @@ the linear schedule). On the default run with uniform t it did not help (README)
 validation and test losses stay L_simple / D, so they compare across weightings.
 
 Which noise levels training sees (`--t-dist`). L_simple draws t uniformly. Measured by the noise level sigma_t =
-sqrt((1 - alpha_bar_t) / alpha_bar_t) on the linear schedule, a third of those draws have sigma_t > 10 (t >= 674:
+sqrt((1 - alpha_bar_t) / alpha_bar_t) (EDM's sigma, the noise-to-signal ratio of x_t; in this paragraph only, not
+the reverse step's standard deviation above) on the linear schedule, a third of those draws have sigma_t > 10 (t >= 674:
 x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth 3 < sigma_t <= 10,
 39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn. `--t-dist lognormal` (the
 default) draws ln sigma ~ N(-1.2, 1.2^2), the training distribution of EDM (Karras et al. 2022, "Elucidating the
@@ -140,8 +141,8 @@ Differences from the paper:
   does, and after 3,500 steps the average (`--ema 0.999`) lags behind: with the paper-shaped U-Net and
   `--inject shift`, Frechet distance 56.7 against 48.4 for the raw weights, 43.7% confident samples against
   45.0% (README). At a constant rate the EMA helps.
-- Training timesteps follow EDM's log-normal noise levels on four fifths of each batch (above; `--t-dist uniform`
-  draws them uniformly, as the paper does).
+- Training timesteps follow EDM's log-normal noise levels, each draw with probability 4/5 (above; `--t-dist
+  uniform` draws them uniformly, as the paper does).
 - Samples are autoguided by default (above; `--guidance 1` samples the trained network alone, as the paper does).
 - Predicted x_0 is clipped to [-1, 1] at every sampling step (`--clip`, as the paper's code does; the text does not).
 - No data augmentation (the paper flips CIFAR-10 images horizontally at random), GroupNorm with 8 groups, not 32.
