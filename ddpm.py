@@ -56,9 +56,9 @@ validation and test losses stay L_simple / D, so they compare across weightings.
 
 Which noise levels training sees (`--t-dist`). L_simple draws t uniformly. Measured by the noise level sigma_t =
 sqrt((1 - alpha_bar_t) / alpha_bar_t) (EDM's sigma, the noise-to-signal ratio of x_t; in this paragraph only, not
-the reverse step's standard deviation above) on the linear schedule, a third of those draws have sigma_t > 10 (t >= 674:
-x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth 3 < sigma_t <= 10,
-39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn. `--t-dist lognormal` (the
+the reverse step's standard deviation above) on the linear schedule, a third of those draws have sigma_t > 10 (t >=
+674: x_t is noise with a trace of image, and eps_theta = x_t is nearly all there is to learn), a fifth 3 < sigma_t
+<= 10, 39% 0.3 < sigma_t <= 3 and 9% sigma_t <= 0.3, where the edges of a shape are drawn. `--t-dist lognormal` (the
 default) draws ln sigma ~ N(-1.2, 1.2^2), the training distribution of EDM (Karras et al. 2022, "Elucidating the
 Design Space of Diffusion-Based Generative Models", arXiv:2206.00364, Sec. 5; their values for data in [-1, 1]), and
 trains the t whose alpha_bar_t is nearest 1 / (1 + sigma^2), the grid point next to the drawn sigma (draws beyond
