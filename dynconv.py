@@ -90,7 +90,12 @@ Training objective: cross-entropy of the logits, averaged over the batch,
     L(theta) = E_{(x, y), S} [ -log softmax(f_theta(x_S, S))_y ]
 with S the channels kept for the batch: all N with probability 1 - p (p = --channel-dropout), otherwise a subset
 drawn uniformly from the 2^N - 2 non-empty proper ones, in a random order (dynamic, zero, mean); per-combination
-minimises the mean of its seven networks' losses, each on its own S; resnet34 and wide see all channels. AdamW with
+minimises the mean of its seven networks' losses, each on its own S; resnet34 and wide see all channels. With
+--every-combination the shared networks are trained as per-combination's seven are, on every S of every batch:
+    L(theta) = E_{(x, y)} [ (1 / (2^N - 1)) sum_S -log softmax(f_theta(x_S, S))_y ]
+(one network, so 2^N - 1 forward and backward passes per step; slimmable networks, Yu et al. 2018, train all their
+widths on every batch in the same way). It separates what sharing one network costs from what seeing each
+combination in only one batch of eight costs (README). AdamW with
 a one-cycle schedule (15% warm-up, cosine decay of the learning rate; it also cycles beta_1 between 0.85 and 0.95);
 augmentation: horizontal flips and random crops after 4-pixel reflection padding.
 
@@ -435,8 +440,9 @@ def draw_channels(n, p, generator):
 
 def training_loss(model, x, y, order, args):
     """Cross-entropy on the logits for channels `order` of the batch; per-combination trains each of its networks
-    on its own channels of the same batch (the mean of their independent losses), so each gets every step."""
-    if args.model == "per-combination":
+    on its own channels of the same batch (the mean of their independent losses), so each gets every step, and
+    with --every-combination a shared network is trained on every combination of the batch the same way."""
+    if args.model == "per-combination" or (args.every_combination and args.model in SUBSET_MODELS):
         losses = [F.cross_entropy(model(x[:, list(combo)], combo).float(), y) for combo in combinations(x.shape[1])]
         return sum(losses) / len(losses)
     return F.cross_entropy(model(x[:, list(order)], order).float(), y)
@@ -508,7 +514,8 @@ def train(args, data=None):
         model.train()
         set_temperature(model, step, steps, args.temperature)
         x, y = next(batches)
-        order = draw_channels(n, args.channel_dropout, channels) if args.model in SUBSET_MODELS else tuple(range(n))
+        drawn = args.model in SUBSET_MODELS and not args.every_combination
+        order = draw_channels(n, args.channel_dropout, channels) if drawn else tuple(range(n))
         x = augment(x, crops) if args.augment else x
         with common.autocast(args.amp, device):
             loss = training_loss(net, x.to(device), y.to(device), order, args)
@@ -762,6 +769,9 @@ def get_args(argv=None):
     g = p.add_argument_group("method")
     g.add_argument("--channel-dropout", type=float, default=0.75,
                    help="dynamic, zero, mean: probability that a batch keeps a random proper subset of its channels")
+    g.add_argument("--every-combination", action=argparse.BooleanOptionalAction, default=False,
+                   help="dynamic, zero, mean: train on every channel combination of every batch, as per-combination's "
+                        "networks are (2^N - 1 times the compute per step), instead of one drawn with --channel-dropout")
     g.add_argument("--temperature", type=float, default=30.0,
                    help="dynamic: attention temperature at the start, annealed to 1 (Chen et al.: 30)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW's decoupled weight decay")

@@ -296,6 +296,25 @@ def test_the_dynamic_model_learns_shapes_and_is_told_apart_from_chance(tmp_path)
     assert final["accuracy"]["R"] > 0.15                                           # R alone, after 150 steps
 
 
+def test_every_combination_trains_the_shared_network_on_the_mean_of_all_seven_losses(tmp_path):
+    torch.manual_seed(0)
+    net = dc.build(model_args(), 3, 10)               # training mode: each call normalises by its own batch
+    with torch.no_grad():
+        net.backbone.body[-1].weight.mul_(30)         # logits far from 0, so the subsets' losses differ clearly
+    x, y = images(6), torch.arange(6)
+    every = argparse.Namespace(model="dynamic", every_combination=True)
+    drawn = argparse.Namespace(model="dynamic", every_combination=False)
+    with torch.no_grad():
+        expected = sum(F.cross_entropy(net(x[:, list(c)], c), y) for c in dc.combinations(3)).item() / 7
+        assert dc.training_loss(net, x, y, (2, 0), every).item() == pytest.approx(expected, rel=1e-5)
+        one = dc.training_loss(net, x, y, (2, 0), drawn).item()
+    assert one == pytest.approx(F.cross_entropy(net(x[:, [2, 0]], (2, 0)), y).item(), rel=1e-5)
+    assert abs(one - expected) > 0.1
+    run_cli(tmp_path, "--models", "zero", "--steps", "4", "--eval-every", "4", "--name", "every", "--every-combination")
+    records = [json.loads(line) for line in (tmp_path / "dynconv/every/zero/metrics.jsonl").read_text().splitlines()]
+    assert [r["channels"] for r in records if r["split"] == "train"] == [3] * 4      # no subset was drawn
+
+
 def test_training_is_deterministic_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     flags = ["--models", "dynamic", "zero", "--steps", "6", "--eval-every", "3"]
     straight = run_cli(tmp_path, *flags, "--name", "a")
