@@ -509,13 +509,13 @@ def train(args, data=None):
                                 shard=True)
     batches = common.forever(loader, skip=start)
     net = common.distribute(model, args, device)      # what the training step calls (see common.distribute)
+    draws = args.model in SUBSET_MODELS and not args.every_combination     # a channel subset per batch
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"dynconv {args.model}")
     for step in bar:
         model.train()
         set_temperature(model, step, steps, args.temperature)
         x, y = next(batches)
-        drawn = args.model in SUBSET_MODELS and not args.every_combination
-        order = draw_channels(n, args.channel_dropout, channels) if drawn else tuple(range(n))
+        order = draw_channels(n, args.channel_dropout, channels) if draws else tuple(range(n))
         x = augment(x, crops) if args.augment else x
         with common.autocast(args.amp, device):
             loss = training_loss(net, x.to(device), y.to(device), order, args)
